@@ -1,0 +1,3 @@
+"""credfs: a credential-aware FUSE passthrough filesystem."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,271 @@
+"""Backing-store syscalls, run inside a worker that already holds the right
+credentials.
+
+Every function here is a plain, blocking sequence of syscalls on descriptors:
+names are resolved relative to the parent's O_PATH descriptor with
+O_NOFOLLOW, and an object is reached through its own O_PATH descriptor
+(AT_EMPTY_PATH, or the /proc/self/fd magic link, which lands exactly on the
+object that descriptor refers to and follows nothing further). Permission is
+never checked here: the backing filesystem checks it, as the worker's
+identity.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+from . import syscalls
+
+ACL_ACCESS = "system.posix_acl_access"
+ACL_DEFAULT = "system.posix_acl_default"
+
+# __FMODE_EXEC: the kernel marks opens made by execve() with this bit.
+FMODE_EXEC = 0x20
+_OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | FMODE_EXEC
+
+
+def fd_path(fd: int) -> str:
+    return f"/proc/self/fd/{fd}"
+
+
+def check_name(name: bytes) -> None:
+    # The kernel never sends these, but a name must never climb out of its parent.
+    if name in (b".", b"..") or b"/" in name or not name:
+        raise OSError(errno.EINVAL, "invalid name")
+
+
+@dataclass(slots=True)
+class Found:
+    """A name resolved to an O_PATH descriptor and its attributes."""
+
+    fd: int
+    st: os.stat_result
+    has_access_acl: bool
+
+
+def _has_access_acl(fd: int, st: os.stat_result) -> bool:
+    # Only directories whose mode already lets everyone search need the check.
+    if not (st.st_mode & 0o40000 and st.st_mode & 0o111 == 0o111):
+        return False
+    try:
+        os.getxattr(fd_path(fd), ACL_ACCESS)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+            return False
+        return True  # cannot tell: assume it may refuse someone
+    return True
+
+
+def open_path(dir_fd: int, name: bytes) -> Found:
+    """Resolve one name as the worker's identity (needs search on the parent)."""
+    check_name(name)
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        return Found(fd, st, _has_access_acl(fd, st))
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def reopen_path(fd: int) -> Found:
+    """An O_PATH descriptor for the object an open file refers to."""
+    pfd = os.open(fd_path(fd), os.O_PATH | os.O_CLOEXEC)
+    st = os.fstat(pfd)
+    return Found(pfd, st, _has_access_acl(pfd, st))
+
+
+def getattr_(fd: int) -> os.stat_result:
+    return os.fstat(fd)
+
+
+def access(fd: int, mode: int) -> None:
+    # AT_EACCESS: decide with the effective (fs) ids, as the kernel would for
+    # the caller; plain access() would use the daemon's real uid.
+    syscalls.faccessat2(fd, b"", mode, syscalls.AT_EACCESS | syscalls.AT_EMPTY_PATH)
+
+
+def open_(fd: int, flags: int) -> int:
+    if flags & FMODE_EXEC:
+        # Without default_permissions the kernel only checks that *some* x bit
+        # is set before exec; make the caller's own execute check here.
+        access(fd, os.X_OK)
+    return os.open(fd_path(fd), (flags & ~_OPEN_STRIP) | os.O_CLOEXEC)
+
+
+def create(dir_fd: int, name: bytes, flags: int, mode: int) -> tuple[int, Found]:
+    """Create (or open, without O_EXCL) in one syscall, as the caller."""
+    check_name(name)
+    fh = os.open(name, (flags & ~(os.O_NOCTTY | FMODE_EXEC)) | os.O_CREAT | os.O_NOFOLLOW
+                 | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    try:
+        return fh, reopen_path(fh)
+    except BaseException:
+        os.close(fh)
+        raise
+
+
+def mkdir(dir_fd: int, name: bytes, mode: int) -> Found:
+    check_name(name)
+    os.mkdir(name, mode, dir_fd=dir_fd)
+    return open_path(dir_fd, name)
+
+
+def mknod(dir_fd: int, name: bytes, mode: int, rdev: int) -> Found:
+    check_name(name)
+    os.mknod(name, mode, rdev, dir_fd=dir_fd)
+    return open_path(dir_fd, name)
+
+
+def symlink(dir_fd: int, name: bytes, target: bytes) -> Found:
+    check_name(name)
+    os.symlink(target, name, dir_fd=dir_fd)
+    return open_path(dir_fd, name)
+
+
+def link(fd: int, new_dir_fd: int, new_name: bytes) -> Found:
+    check_name(new_name)
+    # Through the magic link, linkat needs no CAP_DAC_READ_SEARCH (which
+    # AT_EMPTY_PATH would), and the kernel applies protected_hardlinks to
+    # the caller exactly as it would natively.
+    os.link(fd_path(fd), new_name, dst_dir_fd=new_dir_fd, follow_symlinks=True)
+    return open_path(new_dir_fd, new_name)
+
+
+def readlink(fd: int) -> bytes:
+    return os.readlink(b"", dir_fd=fd)
+
+
+def unlink(dir_fd: int, name: bytes) -> None:
+    check_name(name)
+    os.unlink(name, dir_fd=dir_fd)
+
+
+def rmdir(dir_fd: int, name: bytes) -> None:
+    check_name(name)
+    os.rmdir(name, dir_fd=dir_fd)
+
+
+def rename(old_dir_fd: int, old: bytes, new_dir_fd: int, new: bytes, flags: int) -> None:
+    check_name(old)
+    check_name(new)
+    syscalls.renameat2(old_dir_fd, old, new_dir_fd, new, flags)
+
+
+@dataclass(slots=True)
+class AttrChange:
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+    touch: bool = False  # both times "now": the owner-or-writer request
+
+
+def setattr_(fd: int, fh: int | None, change: AttrChange) -> os.stat_result:
+    if change.uid is not None or change.gid is not None:
+        syscalls.fchownat_empty(fd, -1 if change.uid is None else change.uid,
+                                -1 if change.gid is None else change.gid)
+    if change.mode is not None:
+        if fh is not None:
+            os.fchmod(fh, change.mode)
+        else:
+            syscalls.fchmodat2_empty(fd, change.mode)
+    if change.size is not None:
+        if fh is not None:
+            os.ftruncate(fh, change.size)
+        else:
+            os.truncate(fd_path(fd), change.size)
+    if change.touch:
+        syscalls.utimensat_empty(fd, None, None, touch=True)
+    elif change.atime_ns is not None or change.mtime_ns is not None:
+        syscalls.utimensat_empty(fd, change.atime_ns, change.mtime_ns)
+    return os.fstat(fd)
+
+
+def opendir(fd: int) -> int:
+    return os.open(fd_path(fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+@dataclass(slots=True)
+class DirEntry:
+    name: bytes
+    type_bits: int  # S_IFMT bits from d_type (0 when unknown)
+
+
+def _type_bits(entry: os.DirEntry[str]) -> int:
+    # These use d_type from getdents; they stat only when d_type is unknown.
+    try:
+        if entry.is_symlink():
+            return 0o120000
+        if entry.is_dir(follow_symlinks=False):
+            return 0o040000
+        if entry.is_file(follow_symlinks=False):
+            return 0o100000
+    except OSError:
+        pass
+    return 0
+
+
+def list_dir(dir_fh: int) -> list[DirEntry]:
+    """All names in an open directory (without . and ..), read through its fd."""
+    os.lseek(dir_fh, 0, os.SEEK_SET)
+    with os.scandir(dir_fh) as it:
+        return [DirEntry(os.fsencode(e.name), _type_bits(e)) for e in it]
+
+
+def lookup_listed(dir_fh: int, entries: list[DirEntry]) -> list[Found | None]:
+    """Resolve listed names as the caller; None for a name that vanished or
+    that the caller may list but not search (read without execute)."""
+    out: list[Found | None] = []
+    for entry in entries:
+        try:
+            out.append(open_path(dir_fh, entry.name))
+        except OSError:
+            out.append(None)
+    return out
+
+
+def statfs(fd: int) -> os.statvfs_result:
+    return os.statvfs(fd_path(fd))
+
+
+def read(fh: int, off: int, size: int) -> bytes:
+    return os.pread(fh, size, off)
+
+
+def write(fh: int, off: int, data: bytes) -> int:
+    return os.pwrite(fh, data, off)
+
+
+def flush(fh: int) -> None:
+    # Closing a duplicate reports errors a filesystem only gives at close (NFS),
+    # without closing the handle the kernel still uses.
+    os.close(os.dup(fh))
+
+
+def fsync(fh: int, datasync: bool) -> None:
+    (os.fdatasync if datasync else os.fsync)(fh)
+
+
+def close(fh: int) -> None:
+    os.close(fh)
+
+
+def getxattr(fd: int, name: bytes) -> bytes:
+    return os.getxattr(fd_path(fd), name)
+
+
+def setxattr(fd: int, name: bytes, value: bytes) -> None:
+    os.setxattr(fd_path(fd), name, value)
+
+
+def listxattr(fd: int) -> list[bytes]:
+    return [os.fsencode(n) for n in os.listxattr(fd_path(fd))]
+
+
+def removexattr(fd: int, name: bytes) -> None:
+    os.removexattr(fd_path(fd), name)

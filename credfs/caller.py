@@ -1,0 +1,105 @@
+"""Who is asking: the caller's credentials, read live from the kernel.
+
+The FUSE request header carries the calling thread's fsuid, fsgid and thread
+id. Supplementary groups and capabilities are not in it; they come from
+/proc/<tid>/status of the calling thread, read for every request (no cache:
+groups and capabilities can change between two calls of the same thread, and
+a cache keyed by tid would be wrong after tid reuse).
+
+When they cannot be read - the caller is not visible in the daemon's pid
+namespace (tid 0), it exited, or its tid now belongs to a thread with other
+ids - the request fails closed, unless the mount was started with
+``--missing-groups nss``, which takes the groups from the group database
+instead and never grants capabilities.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+from typing import Protocol
+
+from .creds import CredentialError, Credentials
+
+
+class RequestContext(Protocol):
+    uid: int
+    gid: int
+    pid: int
+    umask: int
+
+
+_OWN_USERNS = os.stat("/proc/self/ns/user").st_ino
+
+
+def _read_status(tid: int) -> dict[str, str]:
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise CredentialError(f"caller tid {tid} is gone ({exc.strerror})") from exc
+    fields: dict[str, str] = {}
+    for line in raw.decode("ascii", "replace").splitlines():
+        key, _, value = line.partition(":")
+        if key in ("Uid", "Gid", "Groups", "CapEff"):
+            fields[key] = value.strip()
+    return fields
+
+
+def _caller_userns(tid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{tid}/ns/user").st_ino
+    except OSError:
+        return None
+
+
+def from_proc(ctx: RequestContext, permitted_caps: int) -> Credentials:
+    """The calling thread's live credentials, or CredentialError."""
+    tid = ctx.pid
+    if tid <= 0:
+        raise CredentialError("caller is not visible in the daemon's pid namespace")
+    status = _read_status(tid)
+    try:
+        fsuid = int(status["Uid"].split()[3])
+        fsgid = int(status["Gid"].split()[3])
+        groups = tuple(int(g) for g in status["Groups"].split())
+        cap_eff = int(status["CapEff"], 16)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise CredentialError(f"cannot parse /proc/{tid}/status") from exc
+    # The tid may have been reused, or the caller changed identity since it
+    # made the request: then these groups are not the request's groups.
+    if (fsuid, fsgid) != (ctx.uid, ctx.gid):
+        raise CredentialError(
+            f"tid {tid} now has fsuid={fsuid} fsgid={fsgid}, request has {ctx.uid}/{ctx.gid}")
+    # Capabilities count only in the daemon's own user namespace; a container's
+    # "root" holds its capabilities over its own namespace, not over our files.
+    caps = 0
+    if cap_eff and _caller_userns(tid) == _OWN_USERNS:
+        caps = cap_eff & permitted_caps
+    return Credentials(ctx.uid, ctx.gid, groups, caps)
+
+
+def from_group_database(ctx: RequestContext) -> Credentials:
+    """Fallback for callers whose /proc entry cannot be read (--missing-groups nss)."""
+    try:
+        name = pwd.getpwuid(ctx.uid).pw_name
+        groups = tuple(sorted(set(os.getgrouplist(name, ctx.gid))))
+    except KeyError:
+        groups = (ctx.gid,)
+    return Credentials(ctx.uid, ctx.gid, groups, 0)
+
+
+class CallerResolver:
+    """Turns a request context into the credentials its backing operation uses."""
+
+    def __init__(self, permitted_caps: int, missing_groups: str = "deny") -> None:
+        self.permitted_caps = permitted_caps
+        self.missing_groups = missing_groups
+
+    def __call__(self, ctx: RequestContext) -> Credentials:
+        try:
+            return from_proc(ctx, self.permitted_caps)
+        except CredentialError:
+            if self.missing_groups == "nss":
+                return from_group_database(ctx)
+            raise

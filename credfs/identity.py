@@ -1,0 +1,102 @@
+"""Credential modes: whose identity a request's backing operation runs with.
+
+caller   every backing operation runs as the caller (fsuid, fsgid, groups,
+         capabilities), so the backing filesystem decides exactly as natively.
+mounter  the overlayfs model (override_creds): the kernel checks the caller
+         against the inode as it appears through the mount (default_permissions
+         with POSIX ACLs), then the backing operation runs with the credentials
+         recorded when the mount was made, and the backing filesystem checks
+         those.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+from typing import Protocol
+
+import pyfuse3
+
+from .caller import CallerResolver
+from .creds import CAP_SETGID, CAP_SETUID, Credentials, cap_bit
+
+
+class IdentitySource(Protocol):
+    name: str
+    # True when the kernel makes the caller's permission check (default_permissions).
+    kernel_checks_permissions: bool
+
+    def backing_creds(self, ctx: pyfuse3.RequestContext) -> Credentials:
+        """Credentials for a backing operation on behalf of ctx's caller."""
+
+    def creator_creds(self, ctx: pyfuse3.RequestContext, creds: Credentials,
+                      parent: object) -> Credentials:
+        """Credentials that create a new object, which then belongs to their fsuid."""
+
+    def describe(self) -> str: ...
+
+
+class CallerIdentity:
+    name = "caller"
+    kernel_checks_permissions = False
+
+    def __init__(self, resolver: CallerResolver) -> None:
+        self.resolver = resolver
+
+    def backing_creds(self, ctx: pyfuse3.RequestContext) -> Credentials:
+        return self.resolver(ctx)
+
+    def creator_creds(self, ctx: pyfuse3.RequestContext, creds: Credentials,
+                      parent: object) -> Credentials:
+        return creds
+
+    def describe(self) -> str:
+        return "caller: each backing operation runs as the calling thread"
+
+
+class MounterIdentity:
+    name = "mounter"
+    kernel_checks_permissions = True
+
+    def __init__(self, recorded: Credentials) -> None:
+        self.recorded = recorded
+        # Like overlayfs, a mounter that may take any identity creates new
+        # objects as the caller's fsuid/fsgid; one that may not owns them itself.
+        need = cap_bit(CAP_SETUID) | cap_bit(CAP_SETGID)
+        self.creates_as_caller = recorded.caps & need == need
+
+    def backing_creds(self, ctx: pyfuse3.RequestContext) -> Credentials:
+        return self.recorded
+
+    def creator_creds(self, ctx: pyfuse3.RequestContext, creds: Credentials,
+                      parent: object) -> Credentials:
+        if not self.creates_as_caller:
+            return self.recorded
+        r = self.recorded
+        # The caller's fsgid; a setgid parent overrides it in the backing
+        # filesystem exactly as it does in overlayfs' inode_init_owner().
+        return Credentials(ctx.uid, ctx.gid, r.groups, r.caps)
+
+    def describe(self) -> str:
+        owner = "the caller" if self.creates_as_caller else "the mounter"
+        return f"mounter: {self.recorded.describe()}; new objects belong to {owner}"
+
+
+def parse_mounter(spec: str) -> tuple[int, int, tuple[int, ...]]:
+    """USER[:GROUP] (names or numbers) -> uid, gid, supplementary groups."""
+    user, _, group = spec.partition(":")
+    try:
+        pw = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+        uid, gid, name = pw.pw_uid, pw.pw_gid, pw.pw_name
+    except KeyError:
+        if not user.isdigit():
+            raise ValueError(f"--mounter: no such user {user!r}") from None
+        uid, gid, name = int(user), int(user), None
+    if group:
+        import grp
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ValueError(f"--mounter: no such group {group!r}") from None
+    groups = tuple(sorted(set(os.getgrouplist(name, gid)))) if name else (gid,)
+    return uid, gid, groups

@@ -1,0 +1,109 @@
+"""The inode table: FUSE node ids, each backed by an O_PATH descriptor.
+
+Every inode the kernel knows has one O_PATH descriptor here, opened without
+following symlinks. Names are always resolved relative to the parent's
+descriptor, never by building a backing path.
+
+Node ids are the backing inode numbers (so st_ino through the mount matches
+the backing one). That is safe because the descriptor pins the backing inode:
+the backing filesystem cannot hand its number to another file while we hold
+it, so (st_dev, st_ino) -> node can never silently point at another file.
+Inodes on other devices (submounts inside the source) and a backing number
+that collides with the FUSE root id get ids from a private range instead.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+
+import pyfuse3
+
+log = logging.getLogger(__name__)
+
+_PRIVATE_IDS_START = 1 << 62
+
+
+@dataclass(slots=True)
+class Inode:
+    node: int
+    fd: int
+    key: tuple[int, int]  # backing (st_dev, st_ino)
+    mode: int  # S_IFMT bits; the type never changes
+    lookups: int = 0
+    # Names in this directory handed to the kernel with a positive entry timeout;
+    # they must be invalidated when this directory stops being searchable by all.
+    cached_names: set[bytes] = field(default_factory=set)
+    searchable_by_all: bool = False
+    searchable_acl: bool = False  # an access ACL that may refuse someone search
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+
+class InodeTable:
+    def __init__(self, root_fd: int) -> None:
+        st = os.fstat(root_fd)
+        self.root_dev = st.st_dev
+        self._by_node: dict[int, Inode] = {}
+        self._by_key: dict[tuple[int, int], Inode] = {}
+        self._private_ids = itertools.count(_PRIVATE_IDS_START)
+        root = Inode(pyfuse3.ROOT_INODE, root_fd, (st.st_dev, st.st_ino), st.st_mode, lookups=1)
+        self._by_node[root.node] = root
+        self._by_key[root.key] = root
+
+    def __len__(self) -> int:
+        return len(self._by_node)
+
+    def get(self, node: int) -> Inode:
+        try:
+            return self._by_node[node]
+        except KeyError:
+            # The kernel asked about a node we never gave it or already forgot.
+            raise pyfuse3.FUSEError(116) from None  # ESTALE
+
+    def remember(self, fd: int, st: os.stat_result) -> Inode:
+        """Count one more kernel reference to the inode fd refers to.
+
+        Takes ownership of fd: it is kept for a new inode, closed when the inode
+        is already known (the known descriptor pins the same backing inode).
+        """
+        key = (st.st_dev, st.st_ino)
+        inode = self._by_key.get(key)
+        if inode is not None:
+            os.close(fd)
+        else:
+            inode = Inode(self._node_id(st), fd, key, stat.S_IFMT(st.st_mode))
+            self._by_node[inode.node] = inode
+            self._by_key[key] = inode
+        inode.lookups += 1
+        return inode
+
+    def _node_id(self, st: os.stat_result) -> int:
+        if st.st_dev == self.root_dev and st.st_ino not in self._by_node \
+                and st.st_ino != pyfuse3.ROOT_INODE and st.st_ino < _PRIVATE_IDS_START:
+            return st.st_ino
+        return next(self._private_ids)
+
+    def forget(self, node: int, count: int) -> None:
+        inode = self._by_node.get(node)
+        if inode is None or node == pyfuse3.ROOT_INODE:
+            return
+        inode.lookups -= count
+        if inode.lookups <= 0:
+            del self._by_node[node]
+            del self._by_key[inode.key]
+            os.close(inode.fd)
+
+    def close_all(self) -> None:
+        for inode in self._by_node.values():
+            try:
+                os.close(inode.fd)
+            except OSError:
+                pass
+        self._by_node.clear()
+        self._by_key.clear()

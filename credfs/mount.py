@@ -1,0 +1,141 @@
+"""The daemon: set up, mount, serve under one trio nursery, unmount.
+
+The trio nursery owns everything that runs: the pyfuse3 request loop, the
+signal watcher, and (through start/stop around it) the worker threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import signal
+from collections.abc import Callable
+
+import pyfuse3
+import trio
+
+from . import kernelmount, privileges, syscalls
+from .cache import CachePolicy
+from .caller import CallerResolver
+from .creds import Credentials
+from .identity import CallerIdentity, IdentitySource, MounterIdentity, parse_mounter
+from .inodes import InodeTable
+from .operations import Operations
+from .options import MountOptions
+from .workers import WorkerPool
+
+log = logging.getLogger(__name__)
+
+Ready = Callable[[str | None], None]
+
+
+def raise_fd_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def record_mounter(opts: MountOptions) -> Credentials:
+    """The mounter's credentials, taken once, now; they never change afterwards."""
+    eff = syscalls.capget_thread()[0]
+    if opts.mounter is None:
+        return Credentials(os.geteuid(), os.getegid(),
+                           tuple(sorted(set(os.getgroups()))), eff if os.geteuid() == 0 else 0)
+    if os.geteuid() != 0:
+        raise PermissionError("--mounter needs root")
+    uid, gid, groups = parse_mounter(opts.mounter)
+    # A service identity gets no capabilities: it is unprivileged by definition.
+    return Credentials(uid, gid, groups, eff if uid == 0 else 0)
+
+
+def build_identity(opts: MountOptions) -> tuple[IdentitySource, str]:
+    if opts.creds == "mounter":
+        recorded = record_mounter(opts)
+        ident = MounterIdentity(recorded)
+        mode = "mounter" if recorded.caps else "mounter-unprivileged"
+        return ident, mode
+    permitted = syscalls.capget_thread()[1]
+    return CallerIdentity(CallerResolver(permitted, opts.missing_groups)), "caller"
+
+
+def serve(opts: MountOptions, ready: Ready) -> int:
+    """Mount and serve until unmounted or signalled. Returns the exit status."""
+    fd_limit = raise_fd_limit()
+    os.umask(0)  # the caller's umask is applied per request, never the daemon's
+    identity, priv_mode = build_identity(opts)
+    root_fd = os.open(opts.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    is_root = os.geteuid() == 0
+    kept = privileges.restrict(priv_mode)
+    if isinstance(identity, MounterIdentity):
+        # Capabilities the mounter may use are at most what we kept.
+        permitted = syscalls.capget_thread()[1]
+        rec = identity.recorded
+        identity = MounterIdentity(Credentials(rec.uid, rec.gid, rec.groups,
+                                               rec.caps & permitted))
+    table = InodeTable(root_fd)
+    pool = WorkerPool(opts.workers)
+    cache = CachePolicy.for_mode(opts.cache)
+    allow_other = opts.allow_other if opts.allow_other is not None else is_root
+    if isinstance(identity, MounterIdentity):
+        opts.default_permissions = True
+    ops = Operations(table, pool, identity, cache, kernel_applies_umask=not is_root)
+
+    if is_root:
+        fuse_fd = kernelmount.mount_fuse(opts, allow_other)
+        pyfuse3.init(ops, f"/dev/fd/{fuse_fd}", set())
+    else:
+        fuse_opts = {"fsname=" + (opts.fsname or os.path.abspath(opts.source)),
+                     "subtype=" + opts.subtype, *opts.raw_o}
+        if allow_other:
+            fuse_opts.add("allow_other")
+        if opts.default_permissions:
+            fuse_opts.add("default_permissions")
+        pyfuse3.init(ops, opts.mountpoint, fuse_opts)
+
+    summary = (f"credfs: serving {os.path.abspath(opts.source)} at "
+               f"{os.path.abspath(opts.mountpoint)}; {identity.describe()}; cache "
+               f"{cache.mode.value} (timeout {cache.timeout:g}s); {opts.workers} workers; "
+               f"up to ~{max(fd_limit - 64, 0)} inodes (RLIMIT_NOFILE {fd_limit}); "
+               f"capabilities kept: {', '.join(kept) or 'none'}")
+    log.info("%s", summary)
+    try:
+        trio.run(_main, ops, pool, opts, not is_root, ready, summary)
+    finally:
+        pyfuse3.close(unmount=False)
+        table.close_all()
+        try:
+            kernelmount.unmount(opts.mountpoint, via_fusermount=not is_root)
+        except OSError as exc:
+            log.warning("unmount at exit: %s", exc)
+    return 0
+
+
+async def _main(ops: Operations, pool: WorkerPool, opts: MountOptions, via_fusermount: bool,
+                ready: Ready, summary: str) -> None:
+    pool.start()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_stop_on_signal, opts.mountpoint, via_fusermount)
+            ready(summary)
+            await pyfuse3.main(min_tasks=2, max_tasks=max(2 * opts.workers, 8))
+            log.info("unmounted, exiting")
+            nursery.cancel_scope.cancel()
+    finally:
+        pool.stop()
+
+
+async def _stop_on_signal(mountpoint: str, via_fusermount: bool,
+                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        task_status.started()
+        async for signum in signals:
+            log.info("%s: unmounting", signal.Signals(signum).name)
+            # Unmounting ends the request loop (the kernel closes the channel);
+            # lazily if busy, so a signal always ends the daemon.
+            await trio.to_thread.run_sync(kernelmount.unmount, mountpoint, via_fusermount)
+            pyfuse3.terminate()
+            return

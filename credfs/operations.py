@@ -1,0 +1,424 @@
+"""pyfuse3 handlers: a translation layer and nothing more.
+
+Each handler asks who is asking (the identity source), hands one backing
+function to the worker pool with those credentials, and turns the outcome
+into a reply or a FUSEError. No permission logic lives here; the backing
+filesystem decides, as the identity the worker holds.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import inspect
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pyfuse3
+from pyfuse3 import FUSEError
+
+from . import backing
+from .cache import CachePolicy, searchable_by_all
+from .creds import CredentialError, Credentials
+from .identity import IdentitySource
+from .inodes import Inode, InodeTable
+from .workers import WorkerPool
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# pyfuse3 turns "set to now" into an explicit timestamp it reads just before
+# calling setattr; a request carrying both times equal to within this of our
+# own clock is treated as utimensat(NULL) ("touch"), which writers may do too.
+_NOW_WINDOW_NS = 2_000_000_000
+
+_ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
+
+
+def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A bug in one handler fails that request with EIO; the daemon keeps serving."""
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except FUSEError:
+            raise
+        except Exception:
+            log.exception("internal error in %s", fn.__name__)
+            raise FUSEError(errno.EIO) from None
+    return wrapper
+
+
+@dataclass(slots=True)
+class Handle:
+    fd: int
+    creds: Credentials  # the opener's: every later operation on it runs as them
+    entries: list[backing.DirEntry] | None = None
+    node: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, table: InodeTable, pool: WorkerPool, identity: IdentitySource,
+                 cache: CachePolicy, kernel_applies_umask: bool) -> None:
+        super().__init__()
+        self.table = table
+        self.pool = pool
+        self.identity = identity
+        self.cache = cache
+        self.kernel_applies_umask = kernel_applies_umask
+        self.enable_acl = identity.kernel_checks_permissions
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+
+    # -- plumbing -------------------------------------------------------------
+
+    def _who(self, ctx: pyfuse3.RequestContext) -> Credentials:
+        try:
+            return self.identity.backing_creds(ctx)
+        except CredentialError as exc:
+            log.warning("refusing request from uid %d tid %d: %s", ctx.uid, ctx.pid, exc)
+            raise FUSEError(errno.EACCES) from None
+
+    async def _run(self, creds: Credentials, fn: Callable[..., T], *args: Any,
+                   umask: int = 0) -> T:
+        try:
+            return await self.pool.run(creds, umask, fn, *args)
+        except OSError as exc:
+            raise FUSEError(exc.errno or errno.EIO) from None
+        except CredentialError:
+            raise FUSEError(errno.EACCES) from None
+
+    def _umask(self, ctx: pyfuse3.RequestContext) -> int:
+        # When the kernel already applied the caller's umask to the mode, ours is 0;
+        # otherwise the worker takes the caller's, so that a default ACL on the
+        # parent replaces it exactly as it does natively.
+        return 0 if self.kernel_applies_umask else ctx.umask
+
+    def _new_handle(self, handle: Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = handle
+        return fh
+
+    def _handle(self, fh: int) -> Handle:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise FUSEError(errno.EBADF) from None
+
+    def _attrs(self, inode: Inode, st: os.stat_result, entry_timeout: float = 0.0
+               ) -> pyfuse3.EntryAttributes:
+        if inode.is_dir:
+            inode.searchable_by_all = searchable_by_all(st.st_mode, inode.searchable_acl)
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode.node
+        a.generation = 0
+        a.entry_timeout = entry_timeout
+        a.attr_timeout = self.cache.attr_timeout
+        a.st_mode = st.st_mode
+        a.st_nlink = st.st_nlink
+        a.st_uid = st.st_uid
+        a.st_gid = st.st_gid
+        a.st_rdev = st.st_rdev
+        a.st_size = st.st_size
+        a.st_blksize = st.st_blksize
+        a.st_blocks = st.st_blocks
+        a.st_atime_ns = st.st_atime_ns
+        a.st_mtime_ns = st.st_mtime_ns
+        a.st_ctime_ns = st.st_ctime_ns
+        return a
+
+    def _enter(self, parent: Inode, name: bytes, found: backing.Found
+               ) -> pyfuse3.EntryAttributes:
+        """Register a resolved name with the kernel (one lookup reference)."""
+        inode = self.table.remember(found.fd, found.st)
+        inode.searchable_acl = found.has_access_acl
+        timeout = self.cache.entry_timeout(parent.searchable_by_all)
+        if timeout:
+            parent.cached_names.add(name)
+        return self._attrs(inode, found.st, timeout)
+
+    def _forget_name(self, parent: Inode, name: bytes) -> None:
+        parent.cached_names.discard(name)
+
+    def _invalidate_children(self, inode: Inode) -> None:
+        """A directory became searchable by fewer: drop the names cached in it."""
+        for name in inode.cached_names:
+            pyfuse3.invalidate_entry_async(inode.node, name, ignore_enoent=True)
+        inode.cached_names.clear()
+
+    def _refresh_dir(self, inode: Inode, found_acl: bool | None,
+                     st: os.stat_result) -> None:
+        was = inode.searchable_by_all
+        if found_acl is not None:
+            inode.searchable_acl = found_acl
+        inode.searchable_by_all = searchable_by_all(st.st_mode, inode.searchable_acl)
+        if was and not inode.searchable_by_all:
+            self._invalidate_children(inode)
+
+    # -- names ----------------------------------------------------------------
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+                     ) -> pyfuse3.EntryAttributes:
+        parent = self.table.get(parent_inode)
+        creds = self._who(ctx)
+        found = await self._run(creds, backing.open_path, parent.fd, name)
+        return self._enter(parent, name, found)
+
+    def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for node, count in inode_list:
+            self.table.forget(node, count)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext
+                      ) -> pyfuse3.EntryAttributes:
+        node = self.table.get(inode)
+        st = await self._run(self._who(ctx), backing.getattr_, node.fd)
+        if node.is_dir:
+            self._refresh_dir(node, None, st)
+        return self._attrs(node, st)
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self.table.get(inode)
+        change = backing.AttrChange(
+            mode=attr.st_mode & 0o7777 if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        if (fields.update_atime and fields.update_mtime
+                and attr.st_atime_ns == attr.st_mtime_ns
+                and 0 <= time.time_ns() - attr.st_atime_ns < _NOW_WINDOW_NS):
+            change.touch = True
+        creds = self._who(ctx)
+        fd = None if fh is None else self._handle(fh).fd
+        st = await self._run(creds, backing.setattr_, node.fd, fd, change)
+        if node.is_dir:
+            self._refresh_dir(node, None, st)
+        return self._attrs(node, st)
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self.table.get(inode)
+        return await self._run(self._who(ctx), backing.readlink, node.fd)
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self.table.get(parent_inode)
+        creds = self.identity.creator_creds(ctx, self._who(ctx), parent)
+        found = await self._run(creds, backing.mknod, parent.fd, name, mode, rdev,
+                                umask=self._umask(ctx))
+        return self._enter(parent, name, found)
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self.table.get(parent_inode)
+        creds = self.identity.creator_creds(ctx, self._who(ctx), parent)
+        found = await self._run(creds, backing.mkdir, parent.fd, name, mode,
+                                umask=self._umask(ctx))
+        return self._enter(parent, name, found)
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self.table.get(parent_inode)
+        creds = self.identity.creator_creds(ctx, self._who(ctx), parent)
+        found = await self._run(creds, backing.symlink, parent.fd, name, target)
+        return self._enter(parent, name, found)
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self.table.get(inode)
+        parent = self.table.get(new_parent_inode)
+        found = await self._run(self._who(ctx), backing.link, node.fd, parent.fd, new_name)
+        return self._enter(parent, new_name, found)
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+                     ) -> None:
+        parent = self.table.get(parent_inode)
+        await self._run(self._who(ctx), backing.unlink, parent.fd, name)
+        self._forget_name(parent, name)
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+                    ) -> None:
+        parent = self.table.get(parent_inode)
+        await self._run(self._who(ctx), backing.rmdir, parent.fd, name)
+        self._forget_name(parent, name)
+
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        old = self.table.get(parent_inode_old)
+        new = self.table.get(parent_inode_new)
+        await self._run(self._who(ctx), backing.rename, old.fd, name_old, new.fd, name_new,
+                        flags)
+        self._forget_name(old, name_old)
+        self._forget_name(new, name_new)
+        # The kernel moves the cached dentry, timeout and all. Where a name now
+        # sits in a directory that not everyone may search, drop it from the cache.
+        for parent, name in ((new, name_new), (old, name_old)):
+            if not parent.searchable_by_all and self.cache.timeout:
+                pyfuse3.invalidate_entry_async(parent.node, name, ignore_enoent=True)
+
+    # -- files ----------------------------------------------------------------
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
+                   ) -> pyfuse3.FileInfo:
+        node = self.table.get(inode)
+        creds = self._who(ctx)
+        fd = await self._run(creds, backing.open_, node.fd, flags)
+        return self._file_info(self._new_handle(Handle(fd, creds, node=inode)))
+
+    def _file_info(self, fh: int) -> pyfuse3.FileInfo:
+        fi = pyfuse3.FileInfo(fh=fh)
+        fi.keep_cache = self.cache.keep_page_cache
+        return fi
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        parent = self.table.get(parent_inode)
+        creds = self._who(ctx)
+        maker = self.identity.creator_creds(ctx, creds, parent)
+        fd, found = await self._run(maker, backing.create, parent.fd, name, flags, mode,
+                                    umask=self._umask(ctx))
+        entry = self._enter(parent, name, found)
+        fh = self._new_handle(Handle(fd, creds, node=entry.st_ino))
+        return self._file_info(fh), entry
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self._handle(fh)
+        return await self._run(h.creds, backing.read, h.fd, off, size)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        # As the opener: the kernel clears setuid bits on write unless the
+        # writer holds CAP_FSETID, so the writer must be the caller, not us.
+        h = self._handle(fh)
+        return await self._run(h.creds, backing.write, h.fd, off, buf)
+
+    async def flush(self, fh: int) -> None:
+        h = self._handle(fh)
+        await self._run(h.creds, backing.flush, h.fd)
+
+    async def release(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if h is not None:
+            await self._run(h.creds, backing.close, h.fd)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        h = self._handle(fh)
+        await self._run(h.creds, backing.fsync, h.fd, datasync)
+
+    # -- directories ----------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self.table.get(inode)
+        creds = self._who(ctx)
+        fd = await self._run(creds, backing.opendir, node.fd)
+        return self._new_handle(Handle(fd, creds, node=inode))
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        h = self._handle(fh)
+        parent = self.table.get(h.node)
+        if start_id == 0 or h.entries is None:
+            # A snapshot per pass: offsets stay stable while the directory changes.
+            h.entries = await self._run(h.creds, backing.list_dir, h.fd)
+        entries = h.entries
+        pos = start_id
+        batch = 32
+        while pos < len(entries):
+            chunk = entries[pos:pos + batch]
+            found = await self._run(h.creds, backing.lookup_listed, h.fd, chunk)
+            for i, (entry, item) in enumerate(zip(chunk, found, strict=True)):
+                if item is None:
+                    # Listed but not searchable by this caller (or gone): the name
+                    # is shown with no attributes and no node, as getdents would
+                    # show it; nothing is cached for it.
+                    attrs = pyfuse3.EntryAttributes()
+                    attrs.st_ino = 0
+                    attrs.st_mode = entry.type_bits
+                    attrs.entry_timeout = 0
+                    attrs.attr_timeout = 0
+                    added = pyfuse3.readdir_reply(token, entry.name, attrs, pos + i + 1)
+                else:
+                    attrs = self._enter(parent, entry.name, item)
+                    added = pyfuse3.readdir_reply(token, entry.name, attrs, pos + i + 1)
+                    if not added:
+                        self.table.forget(attrs.st_ino, 1)
+                if not added:
+                    for rest in found[i + 1:]:
+                        if rest is not None:
+                            os.close(rest.fd)
+                    return
+            pos += len(chunk)
+
+    async def releasedir(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if h is not None:
+            await self._run(h.creds, backing.close, h.fd)
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        h = self._handle(fh)
+        await self._run(h.creds, backing.fsync, h.fd, datasync)
+
+    # -- whole filesystem ----------------------------------------------------
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        root = self.table.get(pyfuse3.ROOT_INODE)
+        sv = await self._run(self._who(ctx), backing.statfs, root.fd)
+        out = pyfuse3.StatvfsData()
+        for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                     "f_ffree", "f_favail", "f_namemax"):
+            setattr(out, name, getattr(sv, name))
+        return out
+
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        # Refusals propagate with their own errno (EACCES, EROFS, ETXTBSY...),
+        # exactly as faccessat() gave it.
+        node = self.table.get(inode)
+        await self._run(self._who(ctx), backing.access, node.fd, mode)
+        return True
+
+    # -- extended attributes -------------------------------------------------
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self.table.get(inode)
+        return await self._run(self._who(ctx), backing.getxattr, node.fd, name)
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        node = self.table.get(inode)
+        await self._run(self._who(ctx), backing.setxattr, node.fd, name, value)
+        if name in _ACL_NAMES and node.is_dir:
+            await self._recheck_dir(node, ctx)
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        node = self.table.get(inode)
+        return await self._run(self._who(ctx), backing.listxattr, node.fd)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = self.table.get(inode)
+        await self._run(self._who(ctx), backing.removexattr, node.fd, name)
+        if name in _ACL_NAMES and node.is_dir:
+            await self._recheck_dir(node, ctx)
+
+    async def _recheck_dir(self, node: Inode, ctx: pyfuse3.RequestContext) -> None:
+        found = await self._run(self._who(ctx), backing.reopen_path, node.fd)
+        os.close(found.fd)
+        self._refresh_dir(node, found.has_access_acl, found.st)
+
+
+# Guard every request handler (not the plumbing above, which they call).
+for _name, _fn in list(vars(Operations).items()):
+    if inspect.iscoroutinefunction(_fn) and not _name.startswith("_"):
+        setattr(Operations, _name, _guarded(_fn))

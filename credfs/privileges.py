@@ -1,0 +1,74 @@
+"""Keep only the capabilities the chosen mode needs (python-prctl).
+
+Done in the main thread before any other thread exists: capabilities are per
+thread and new threads inherit the creating thread's sets. What each worker
+then holds *effectively* while serving a request is set per request
+(creds.ThreadIdentity); what is dropped here can never come back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import prctl
+
+from .creds import cap_names
+
+log = logging.getLogger(__name__)
+
+# Needed to act on the backing store with a caller's rights when the caller is
+# root (or holds them): the kernel's CAP_FS_MASK, plus mknod for device nodes,
+# sys_admin for trusted.* xattrs, setfcap for security.capability.
+_FS_RIGHTS = ("chown", "dac_override", "dac_read_search", "fowner", "fsetid",
+              "linux_immutable", "mac_override", "mknod", "setfcap")
+# Needed by the daemon itself: setuid/setgid to take on fsuid, fsgid and
+# groups; sys_admin to unmount at the end (and trusted.* xattrs); sys_ptrace to
+# read another user's /proc/<tid>/ns/user when deciding whether a caller's
+# capabilities count.
+_DAEMON = ("setuid", "setgid", "sys_admin")
+
+KEEP = {
+    "caller": _FS_RIGHTS + _DAEMON + ("sys_ptrace",),
+    "mounter": _FS_RIGHTS + _DAEMON,
+    "mounter-unprivileged": _DAEMON,
+}
+
+
+def _cap(name: str) -> int:
+    return getattr(prctl, "CAP_" + name.upper())
+
+
+def restrict(mode: str) -> list[str]:
+    """Reduce the process to the capabilities of mode; returns what is kept."""
+    if os.geteuid() != 0:
+        return []
+    keep = [n for n in KEEP[mode] if hasattr(prctl, "CAP_" + n.upper())]
+    caps = [_cap(n) for n in keep]
+    # Order matters: the bounding set needs setpcap still effective, and the
+    # effective set must shrink before the permitted set may.
+    prctl.capbset.limit(*caps)
+    prctl.cap_effective.limit(*caps)
+    prctl.cap_inheritable.limit()
+    prctl.cap_permitted.limit(*caps)
+    prctl.set_no_new_privs(True)
+    kept = [n for n in keep if _cap(n) in _current_effective()]
+    log.info("capabilities kept for %s mode: %s", mode, ", ".join(kept) or "none")
+    return kept
+
+
+def _current_effective() -> set[int]:
+    with open("/proc/thread-self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                mask = int(line.split()[1], 16)
+                return {i for i in range(64) if mask & (1 << i)}
+    return set()
+
+
+def describe_effective() -> str:
+    with open("/proc/thread-self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return ", ".join(cap_names(int(line.split()[1], 16))) or "none"
+    return "unknown"
