@@ -217,15 +217,15 @@ def list_dir(dir_fh: int) -> list[DirEntry]:
         return [DirEntry(os.fsencode(e.name), _type_bits(e)) for e in it]
 
 
-def lookup_listed(dir_fh: int, entries: list[DirEntry]) -> list[Found | None]:
-    """Resolve listed names as the caller; None for a name that vanished or
-    that the caller may list but not search (read without execute)."""
-    out: list[Found | None] = []
+def lookup_listed(dir_fh: int, entries: list[DirEntry]) -> list[Found | OSError]:
+    """Resolve listed names as the caller; the error instead for a name that
+    vanished (ENOENT) or that the caller may list but not search (EACCES)."""
+    out: list[Found | OSError] = []
     for entry in entries:
         try:
             out.append(open_path(dir_fh, entry.name))
-        except OSError:
-            out.append(None)
+        except OSError as exc:
+            out.append(exc)
     return out
 
 

@@ -14,6 +14,7 @@ that collides with the FUSE root id get ids from a private range instead.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -61,10 +62,30 @@ class InodeTable:
 
     def get(self, node: int) -> Inode:
         try:
-            return self._by_node[node]
+            inode = self._by_node[node]
         except KeyError:
             # The kernel asked about a node we never gave it or already forgot.
-            raise pyfuse3.FUSEError(116) from None  # ESTALE
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
+        if inode.fd < 0:
+            raise pyfuse3.FUSEError(errno.EACCES)  # a placeholder: see placeholder()
+        return inode
+
+    def placeholder(self, type_bits: int) -> Inode:
+        """A node with no backing descriptor, for a name listed in a directory
+        the caller may read but not search.
+
+        readdirplus must give every listed name a node; resolving the name would
+        need search permission the caller does not have, and using the daemon's
+        own rights for it is exactly what credfs never does. The placeholder is
+        handed out with zero timeouts, so any use of the name makes the kernel
+        look it up again, as the caller, and fail as natively; every operation
+        on the placeholder itself is refused.
+        """
+        node = next(self._private_ids)
+        inode = Inode(node, -1, (-1, node), type_bits, lookups=1)
+        self._by_node[node] = inode
+        self._by_key[inode.key] = inode
+        return inode
 
     def remember(self, fd: int, st: os.stat_result) -> Inode:
         """Count one more kernel reference to the inode fd refers to.
@@ -97,10 +118,13 @@ class InodeTable:
         if inode.lookups <= 0:
             del self._by_node[node]
             del self._by_key[inode.key]
-            os.close(inode.fd)
+            if inode.fd >= 0:
+                os.close(inode.fd)
 
     def close_all(self) -> None:
         for inode in self._by_node.values():
+            if inode.fd < 0:
+                continue
             try:
                 os.close(inode.fd)
             except OSError:

@@ -340,27 +340,29 @@ class Operations(pyfuse3.Operations):
             chunk = entries[pos:pos + batch]
             found = await self._run(h.creds, backing.lookup_listed, h.fd, chunk)
             for i, (entry, item) in enumerate(zip(chunk, found, strict=True)):
-                if item is None:
-                    # Listed but not searchable by this caller (or gone): the name
-                    # is shown with no attributes and no node, as getdents would
-                    # show it; nothing is cached for it.
-                    attrs = pyfuse3.EntryAttributes()
-                    attrs.st_ino = 0
-                    attrs.st_mode = entry.type_bits
-                    attrs.entry_timeout = 0
-                    attrs.attr_timeout = 0
-                    added = pyfuse3.readdir_reply(token, entry.name, attrs, pos + i + 1)
+                if isinstance(item, OSError):
+                    if item.errno == errno.ENOENT or not entry.type_bits:
+                        continue  # gone since it was listed
+                    attrs = self._placeholder_attrs(entry.type_bits)
                 else:
                     attrs = self._enter(parent, entry.name, item)
-                    added = pyfuse3.readdir_reply(token, entry.name, attrs, pos + i + 1)
-                    if not added:
-                        self.table.forget(attrs.st_ino, 1)
-                if not added:
+                if not pyfuse3.readdir_reply(token, entry.name, attrs, pos + i + 1):
+                    # The kernel's buffer is full: this entry was not sent.
+                    self.table.forget(attrs.st_ino, 1)
                     for rest in found[i + 1:]:
-                        if rest is not None:
+                        if not isinstance(rest, OSError):
                             os.close(rest.fd)
                     return
             pos += len(chunk)
+
+    def _placeholder_attrs(self, type_bits: int) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = self.table.placeholder(type_bits).node
+        a.st_mode = type_bits
+        a.st_nlink = 1
+        a.entry_timeout = 0
+        a.attr_timeout = 0
+        return a
 
     async def releasedir(self, fh: int) -> None:
         h = self._handles.pop(fh, None)
