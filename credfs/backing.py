@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from dataclasses import dataclass
 
 from . import syscalls
@@ -163,6 +164,7 @@ class AttrChange:
     atime_ns: int | None = None
     mtime_ns: int | None = None
     touch: bool = False  # both times "now": the owner-or-writer request
+    kill_privs: bool = False  # clear setuid/setgid with a size change
 
 
 def setattr_(fd: int, fh: int | None, change: AttrChange) -> os.stat_result:
@@ -175,6 +177,8 @@ def setattr_(fd: int, fh: int | None, change: AttrChange) -> os.stat_result:
         else:
             syscalls.fchmodat2_empty(fd, change.mode)
     if change.size is not None:
+        if change.kill_privs:
+            kill_privileges(fd)
         if fh is not None:
             os.ftruncate(fh, change.size)
         else:
@@ -237,7 +241,18 @@ def read(fh: int, off: int, size: int) -> bytes:
     return os.pread(fh, size, off)
 
 
-def write(fh: int, off: int, data: bytes) -> int:
+def kill_privileges(fd: int) -> None:
+    """Clear setuid, and setgid where it means set-group-ID on execution, as the
+    kernel does when someone without CAP_FSETID writes or truncates."""
+    mode = os.fstat(fd).st_mode
+    kill = mode & 0o4000 | (mode & 0o2000 if mode & 0o010 else 0)
+    if kill and stat.S_ISREG(mode):
+        syscalls.fchmodat2_empty(fd, stat.S_IMODE(mode) & ~kill)
+
+
+def write(fh: int, off: int, data: bytes, kill_privs: bool = False) -> int:
+    if kill_privs:
+        kill_privileges(fh)
     return os.pwrite(fh, data, off)
 
 

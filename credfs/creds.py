@@ -93,7 +93,10 @@ class ThreadIdentity:
                 # Switching needs setuid/setgid, which the previous identity
                 # may not have held: regain the daemon's set first.
                 syscalls.capset_thread(self.permitted, self.permitted, self.inheritable)
-                syscalls.setgroups_thread(creds.groups)
+                # Only what differs: an unprivileged daemon may keep its own
+                # identity but could not even re-set its own groups.
+                if sorted(syscalls.getgroups_thread()) != sorted(creds.groups):
+                    syscalls.setgroups_thread(creds.groups)
                 syscalls.setfsgid(creds.gid)
                 syscalls.setfsuid(creds.uid)
                 # After setfsuid the kernel has already dropped the fs caps for a

@@ -18,7 +18,7 @@ from typing import Protocol
 import pyfuse3
 
 from .caller import CallerResolver
-from .creds import CAP_SETGID, CAP_SETUID, Credentials, cap_bit
+from .creds import CAP_FSETID, CAP_SETGID, CAP_SETUID, CredentialError, Credentials, cap_bit
 
 
 class IdentitySource(Protocol):
@@ -32,6 +32,12 @@ class IdentitySource(Protocol):
     def creator_creds(self, ctx: pyfuse3.RequestContext, creds: Credentials,
                       parent: object) -> Credentials:
         """Credentials that create a new object, which then belongs to their fsuid."""
+
+    def kills_privileges(self, ctx: pyfuse3.RequestContext) -> bool:
+        """Must the daemon clear setuid/setgid bits on this caller's write or
+        truncate? (The backing filesystem does it only when the acting
+        credentials lack CAP_FSETID, and the acting credentials may not be the
+        caller's.)"""
 
     def describe(self) -> str: ...
 
@@ -50,6 +56,9 @@ class CallerIdentity:
                       parent: object) -> Credentials:
         return creds
 
+    def kills_privileges(self, ctx: pyfuse3.RequestContext) -> bool:
+        return False  # the backing filesystem does it, as the caller
+
     def describe(self) -> str:
         return "caller: each backing operation runs as the calling thread"
 
@@ -58,8 +67,9 @@ class MounterIdentity:
     name = "mounter"
     kernel_checks_permissions = True
 
-    def __init__(self, recorded: Credentials) -> None:
+    def __init__(self, recorded: Credentials, resolver: CallerResolver) -> None:
         self.recorded = recorded
+        self.resolver = resolver
         # Like overlayfs, a mounter that may take any identity creates new
         # objects as the caller's fsuid/fsgid; one that may not owns them itself.
         need = cap_bit(CAP_SETUID) | cap_bit(CAP_SETGID)
@@ -76,6 +86,15 @@ class MounterIdentity:
         # The caller's fsgid; a setgid parent overrides it in the backing
         # filesystem exactly as it does in overlayfs' inode_init_owner().
         return Credentials(ctx.uid, ctx.gid, r.groups, r.caps)
+
+    def kills_privileges(self, ctx: pyfuse3.RequestContext) -> bool:
+        # As overlayfs decides it: by the caller's CAP_FSETID, not the mounter's.
+        # When the caller cannot be identified, clear them: the safe direction.
+        try:
+            caps = self.resolver(ctx).caps
+        except CredentialError:
+            return True
+        return not caps & cap_bit(CAP_FSETID)
 
     def describe(self) -> str:
         owner = "the caller" if self.creates_as_caller else "the mounter"

@@ -52,30 +52,31 @@ def record_mounter(opts: MountOptions) -> Credentials:
     return Credentials(uid, gid, groups, eff if uid == 0 else 0)
 
 
-def build_identity(opts: MountOptions) -> tuple[IdentitySource, str]:
-    if opts.creds == "mounter":
-        recorded = record_mounter(opts)
-        ident = MounterIdentity(recorded)
-        mode = "mounter" if recorded.caps else "mounter-unprivileged"
-        return ident, mode
+def privilege_mode(opts: MountOptions, mounter: Credentials | None) -> str:
+    if mounter is None:
+        return "caller"
+    return "mounter" if mounter.caps else "mounter-unprivileged"
+
+
+def build_identity(opts: MountOptions, mounter: Credentials | None) -> IdentitySource:
+    """After privileges.restrict(): nobody is given more than the daemon kept."""
     permitted = syscalls.capget_thread()[1]
-    return CallerIdentity(CallerResolver(permitted, opts.missing_groups)), "caller"
+    resolver = CallerResolver(permitted, opts.missing_groups)
+    if mounter is None:
+        return CallerIdentity(resolver)
+    return MounterIdentity(Credentials(mounter.uid, mounter.gid, mounter.groups,
+                                       mounter.caps & permitted), resolver)
 
 
 def serve(opts: MountOptions, ready: Ready) -> int:
     """Mount and serve until unmounted or signalled. Returns the exit status."""
     fd_limit = raise_fd_limit()
     os.umask(0)  # the caller's umask is applied per request, never the daemon's
-    identity, priv_mode = build_identity(opts)
+    mounter = record_mounter(opts) if opts.creds == "mounter" else None
     root_fd = os.open(opts.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     is_root = os.geteuid() == 0
-    kept = privileges.restrict(priv_mode)
-    if isinstance(identity, MounterIdentity):
-        # Capabilities the mounter may use are at most what we kept.
-        permitted = syscalls.capget_thread()[1]
-        rec = identity.recorded
-        identity = MounterIdentity(Credentials(rec.uid, rec.gid, rec.groups,
-                                               rec.caps & permitted))
+    kept = privileges.restrict(privilege_mode(opts, mounter))
+    identity = build_identity(opts, mounter)
     table = InodeTable(root_fd)
     pool = WorkerPool(opts.workers)
     cache = CachePolicy.for_mode(opts.cache)

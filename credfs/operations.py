@@ -37,6 +37,10 @@ T = TypeVar("T")
 # own clock is treated as utimensat(NULL) ("touch"), which writers may do too.
 _NOW_WINDOW_NS = 2_000_000_000
 
+# Read-only xattr on the mount root: the credential mode and, in mounter mode,
+# the credentials recorded at mount time. Not listed, so copies don't take it.
+CREDS_XATTR = b"user.credfs.creds"
+
 _ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
 
 
@@ -58,6 +62,7 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 class Handle:
     fd: int
     creds: Credentials  # the opener's: every later operation on it runs as them
+    kill_privs: bool = False  # writes must clear setuid/setgid (see IdentitySource)
     entries: list[backing.DirEntry] | None = None
     node: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -203,6 +208,8 @@ class Operations(pyfuse3.Operations):
                 and attr.st_atime_ns == attr.st_mtime_ns
                 and 0 <= time.time_ns() - attr.st_atime_ns < _NOW_WINDOW_NS):
             change.touch = True
+        if change.size is not None:
+            change.kill_privs = self.identity.kills_privileges(ctx)
         creds = self._who(ctx)
         fd = None if fh is None else self._handle(fh).fd
         st = await self._run(creds, backing.setattr_, node.fd, fd, change)
@@ -277,7 +284,10 @@ class Operations(pyfuse3.Operations):
         node = self.table.get(inode)
         creds = self._who(ctx)
         fd = await self._run(creds, backing.open_, node.fd, flags)
-        return self._file_info(self._new_handle(Handle(fd, creds, node=inode)))
+        handle = Handle(fd, creds, node=inode)
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            handle.kill_privs = self.identity.kills_privileges(ctx)
+        return self._file_info(self._new_handle(handle))
 
     def _file_info(self, fh: int) -> pyfuse3.FileInfo:
         fi = pyfuse3.FileInfo(fh=fh)
@@ -293,8 +303,9 @@ class Operations(pyfuse3.Operations):
         fd, found = await self._run(maker, backing.create, parent.fd, name, flags, mode,
                                     umask=self._umask(ctx))
         entry = self._enter(parent, name, found)
-        fh = self._new_handle(Handle(fd, creds, node=entry.st_ino))
-        return self._file_info(fh), entry
+        handle = Handle(fd, creds, node=entry.st_ino,
+                        kill_privs=self.identity.kills_privileges(ctx))
+        return self._file_info(self._new_handle(handle)), entry
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._handle(fh)
@@ -304,7 +315,7 @@ class Operations(pyfuse3.Operations):
         # As the opener: the kernel clears setuid bits on write unless the
         # writer holds CAP_FSETID, so the writer must be the caller, not us.
         h = self._handle(fh)
-        return await self._run(h.creds, backing.write, h.fd, off, buf)
+        return await self._run(h.creds, backing.write, h.fd, off, buf, h.kill_privs)
 
     async def flush(self, fh: int) -> None:
         h = self._handle(fh)
@@ -394,11 +405,15 @@ class Operations(pyfuse3.Operations):
     # -- extended attributes -------------------------------------------------
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if inode == pyfuse3.ROOT_INODE and name == CREDS_XATTR:
+            return self.identity.describe().encode()
         node = self.table.get(inode)
         return await self._run(self._who(ctx), backing.getxattr, node.fd, name)
 
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
+        if inode == pyfuse3.ROOT_INODE and name == CREDS_XATTR:
+            raise FUSEError(errno.EPERM)  # read-only: recorded once, at mount
         node = self.table.get(inode)
         await self._run(self._who(ctx), backing.setxattr, node.fd, name, value)
         if name in _ACL_NAMES and node.is_dir:
@@ -409,6 +424,8 @@ class Operations(pyfuse3.Operations):
         return await self._run(self._who(ctx), backing.listxattr, node.fd)
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if inode == pyfuse3.ROOT_INODE and name == CREDS_XATTR:
+            raise FUSEError(errno.EPERM)
         node = self.table.get(inode)
         await self._run(self._who(ctx), backing.removexattr, node.fd, name)
         if name in _ACL_NAMES and node.is_dir:
