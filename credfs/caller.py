@@ -32,18 +32,22 @@ class RequestContext(Protocol):
 _OWN_USERNS = os.stat("/proc/self/ns/user").st_ino
 
 
-def _read_status(tid: int) -> dict[str, str]:
+def _read_status(tid: int) -> bytes:
     try:
-        with open(f"/proc/{tid}/status", "rb") as f:
-            raw = f.read()
+        with open(f"/proc/{tid}/status", "rb", buffering=0) as f:
+            return f.read(4096)
     except OSError as exc:
         raise CredentialError(f"caller tid {tid} is gone ({exc.strerror})") from exc
-    fields: dict[str, str] = {}
-    for line in raw.decode("ascii", "replace").splitlines():
-        key, _, value = line.partition(":")
-        if key in ("Uid", "Gid", "Groups", "CapEff"):
-            fields[key] = value.strip()
-    return fields
+
+
+def _field(status: bytes, key: bytes) -> bytes:
+    """The value of one "Key:\tvalue" line (found directly: this runs per request)."""
+    start = status.find(b"\n" + key + b":")
+    if start < 0:
+        raise KeyError(key)
+    start += len(key) + 2
+    end = status.find(b"\n", start)
+    return status[start:end if end >= 0 else None].strip()
 
 
 def _caller_userns(tid: int) -> int | None:
@@ -60,10 +64,10 @@ def from_proc(ctx: RequestContext, permitted_caps: int) -> Credentials:
         raise CredentialError("caller is not visible in the daemon's pid namespace")
     status = _read_status(tid)
     try:
-        fsuid = int(status["Uid"].split()[3])
-        fsgid = int(status["Gid"].split()[3])
-        groups = tuple(int(g) for g in status["Groups"].split())
-        cap_eff = int(status["CapEff"], 16)
+        fsuid = int(_field(status, b"Uid").split()[3])
+        fsgid = int(_field(status, b"Gid").split()[3])
+        groups = tuple(map(int, _field(status, b"Groups").split()))
+        cap_eff = int(_field(status, b"CapEff"), 16)
     except (KeyError, IndexError, ValueError) as exc:
         raise CredentialError(f"cannot parse /proc/{tid}/status") from exc
     # The tid may have been reused, or the caller changed identity since it

@@ -132,12 +132,29 @@ def _daemonize(opts: MountOptions, serve: object) -> int:
         os._exit(rc)
 
 
+def _fstype_at(path: str) -> str | None:
+    """The type of the topmost mount at path, from /proc/self/mountinfo."""
+    want = os.path.realpath(path)
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            mountpoint = left.split()[4].encode().decode("unicode_escape")
+            if mountpoint == want:
+                found = right.split()[0]
+    return found
+
+
 def _umount(args: argparse.Namespace) -> int:
     from .kernelmount import MountError, unmount
 
     mnt = args.mountpoint
-    if not os.path.ismount(mnt):
+    fstype = _fstype_at(mnt)
+    if fstype is None:
         sys.stderr.write(f"credfs: {mnt}: not mounted\n")
+        return 1
+    if not fstype.startswith("fuse"):
+        sys.stderr.write(f"credfs: {mnt}: not a credfs mount (it is {fstype})\n")
         return 1
     try:
         unmount(mnt, via_fusermount=os.geteuid() != 0)

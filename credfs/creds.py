@@ -122,12 +122,3 @@ class ThreadIdentity:
             raise CredentialError(
                 f"switch to {creds.describe()} did not take: fsuid={fsuid} fsgid={fsgid} "
                 f"groups={groups} caps={eff:#x}")
-
-    def reset(self) -> None:
-        """Return to the daemon's own identity between jobs."""
-        syscalls.setfsuid(self.home_uid)
-        syscalls.setfsgid(self.home_gid)
-        syscalls.setgroups_thread(self.home_groups)
-        syscalls.capset_thread(self.home_eff, self.permitted, self.inheritable)
-        os.umask(0)
-        self.current = None
