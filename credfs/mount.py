@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 Ready = Callable[[str | None], None]
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
 
 def raise_fd_limit() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -70,6 +72,12 @@ def build_identity(opts: MountOptions, mounter: Credentials | None) -> IdentityS
 
 def serve(opts: MountOptions, ready: Ready) -> int:
     """Mount and serve until unmounted or signalled. Returns the exit status."""
+    # From here on a stop signal must never kill us between mounting and
+    # serving (that would leave a dead mount): remember it, act on it once the
+    # trio signal receiver runs.
+    early: list[int] = []
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, lambda s, _f: early.append(s))
     fd_limit = raise_fd_limit()
     os.umask(0)  # the caller's umask is applied per request, never the daemon's
     mounter = record_mounter(opts) if opts.creds == "mounter" else None
@@ -85,26 +93,26 @@ def serve(opts: MountOptions, ready: Ready) -> int:
         opts.default_permissions = True
     ops = Operations(table, pool, identity, cache, kernel_applies_umask=not is_root)
 
-    if is_root:
-        fuse_fd = kernelmount.mount_fuse(opts, allow_other)
-        pyfuse3.init(ops, f"/dev/fd/{fuse_fd}", set())
-    else:
-        fuse_opts = {"fsname=" + (opts.fsname or os.path.abspath(opts.source)),
-                     "subtype=" + opts.subtype, *opts.raw_o}
-        if allow_other:
-            fuse_opts.add("allow_other")
-        if opts.default_permissions:
-            fuse_opts.add("default_permissions")
-        pyfuse3.init(ops, opts.mountpoint, fuse_opts)
-
     summary = (f"credfs: serving {os.path.abspath(opts.source)} at "
                f"{os.path.abspath(opts.mountpoint)}; {identity.describe()}; cache "
                f"{cache.mode.value} (timeout {cache.timeout:g}s); {opts.workers} workers; "
                f"up to ~{max(fd_limit - 64, 0)} inodes (RLIMIT_NOFILE {fd_limit}); "
                f"capabilities kept: {', '.join(kept) or 'none'}")
-    log.info("%s", summary)
+    if is_root:
+        fuse_fd = kernelmount.mount_fuse(opts, allow_other)
     try:
-        trio.run(_main, ops, pool, opts, not is_root, ready, summary)
+        if is_root:
+            pyfuse3.init(ops, f"/dev/fd/{fuse_fd}", set())
+        else:
+            fuse_opts = {"fsname=" + (opts.fsname or os.path.abspath(opts.source)),
+                         "subtype=" + opts.subtype, *opts.raw_o}
+            if allow_other:
+                fuse_opts.add("allow_other")
+            if opts.default_permissions:
+                fuse_opts.add("default_permissions")
+            pyfuse3.init(ops, opts.mountpoint, fuse_opts)
+        log.info("%s", summary)
+        trio.run(_main, ops, pool, opts, not is_root, ready, summary, early)
     finally:
         pyfuse3.close(unmount=False)
         table.close_all()
@@ -116,27 +124,31 @@ def serve(opts: MountOptions, ready: Ready) -> int:
 
 
 async def _main(ops: Operations, pool: WorkerPool, opts: MountOptions, via_fusermount: bool,
-                ready: Ready, summary: str) -> None:
+                ready: Ready, summary: str, early_signals: list[int]) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_stop_on_signal, opts.mountpoint, via_fusermount, early_signals)
+        await _serve(ops, pool, opts, ready, summary)
+        nursery.cancel_scope.cancel()
+
+
+async def _serve(ops: Operations, pool: WorkerPool, opts: MountOptions, ready: Ready,
+                 summary: str) -> None:
     pool.start()
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(_stop_on_signal, opts.mountpoint, via_fusermount)
-            ready(summary)
-            await pyfuse3.main(min_tasks=2, max_tasks=max(2 * opts.workers, 8))
-            log.info("unmounted, exiting")
-            nursery.cancel_scope.cancel()
+        ready(summary)
+        await pyfuse3.main(min_tasks=2, max_tasks=max(2 * opts.workers, 8))
+        log.info("unmounted, exiting")
     finally:
         pool.stop()
 
 
-async def _stop_on_signal(mountpoint: str, via_fusermount: bool,
+async def _stop_on_signal(mountpoint: str, via_fusermount: bool, early_signals: list[int],
                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+    with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
         task_status.started()
-        async for signum in signals:
-            log.info("%s: unmounting", signal.Signals(signum).name)
-            # Unmounting ends the request loop (the kernel closes the channel);
-            # lazily if busy, so a signal always ends the daemon.
-            await trio.to_thread.run_sync(kernelmount.unmount, mountpoint, via_fusermount)
-            pyfuse3.terminate()
-            return
+        signum = early_signals[0] if early_signals else await signals.__anext__()
+    log.info("%s: unmounting", signal.Signals(signum).name)
+    # Unmounting ends the request loop (the kernel closes the channel); lazily
+    # if busy, so that a signal always ends the daemon.
+    await trio.to_thread.run_sync(kernelmount.unmount, mountpoint, via_fusermount)
+    pyfuse3.terminate()

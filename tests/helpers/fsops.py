@@ -1,0 +1,219 @@
+"""Filesystem operations run inside a UserAgent (see agents.py).
+
+Each function takes paths, does one thing with plain ``os`` calls and returns a
+plain, picklable, deterministic value (no times, no inode numbers), so the
+outcome of the same operation on the backing directory and through the mount can
+be compared with ``==``. Errors are not caught here: the agent turns an OSError
+into ("err", errno).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Any
+
+# renameat2(2) flags, from <linux/fs.h>.
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                            ctypes.c_uint]
+_libc.renameat2.restype = ctypes.c_int
+
+
+def access(path: str, mode: int) -> bool:
+    # Agents have real == effective ids, so plain access(2) checks the agent itself.
+    return os.access(path, mode)
+
+
+def stat(path: str) -> dict[str, int]:
+    st = os.stat(path, follow_symlinks=False)
+    return {"mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid,
+            "size": st.st_size, "nlink": st.st_nlink}
+
+
+def read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def write(path: str, data: bytes, flags: int = os.O_WRONLY) -> int:
+    """open(path, O_WRONLY|flags, 0o666), write everything, close; bytes written."""
+    if flags & os.O_ACCMODE == os.O_RDONLY:
+        flags |= os.O_WRONLY
+    fd = os.open(path, flags, 0o666)
+    try:
+        done = 0
+        while done < len(data):
+            done += os.write(fd, data[done:])
+        return done
+    finally:
+        os.close(fd)
+
+
+def open_close(path: str, flags: int, mode: int = 0o666) -> None:
+    os.close(os.open(path, flags, mode))
+
+
+def mkdir(path: str, mode: int = 0o777) -> None:
+    os.mkdir(path, mode)
+
+
+def rmdir(path: str) -> None:
+    os.rmdir(path)
+
+
+def unlink(path: str) -> None:
+    os.unlink(path)
+
+
+def rename(src: str, dst: str) -> None:
+    os.rename(src, dst)
+
+
+def rename2(src: str, dst: str, flags: int) -> None:
+    """renameat2(2) with RENAME_NOREPLACE / RENAME_EXCHANGE (os has no wrapper)."""
+    if _libc.renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), src, None, dst)
+
+
+def link(src: str, dst: str) -> None:
+    os.link(src, dst, follow_symlinks=False)
+
+
+def symlink(target: str, path: str) -> None:
+    os.symlink(target, path)
+
+
+def readlink(path: str) -> str:
+    return os.readlink(path)
+
+
+def chmod(path: str, mode: int) -> None:
+    os.chmod(path, mode)
+
+
+def chown(path: str, uid: int, gid: int) -> None:
+    os.chown(path, uid, gid)
+
+
+def utime(path: str, times: tuple[float, float] | None = None) -> None:
+    # None means "now", which only needs write access; explicit times need ownership.
+    os.utime(path, times)
+
+
+def truncate(path: str, length: int) -> None:
+    os.truncate(path, length)
+
+
+def listdir(path: str) -> list[str]:
+    return sorted(os.listdir(path))
+
+
+def setxattr(path: str, name: str, value: bytes, flags: int = 0) -> None:
+    os.setxattr(path, name, value, flags)
+
+
+def getxattr(path: str, name: str) -> bytes:
+    return os.getxattr(path, name)
+
+
+def listxattr(path: str) -> list[str]:
+    return sorted(os.listxattr(path))
+
+
+def removexattr(path: str, name: str) -> None:
+    os.removexattr(path, name)
+
+
+def mkfifo(path: str, mode: int = 0o666) -> None:
+    os.mkfifo(path, mode)
+
+
+def mknod(path: str, mode: int = 0o600, device: int = 0) -> None:
+    os.mknod(path, mode, device)
+
+
+def whoami() -> dict[str, Any]:
+    """The agent's own credentials, to check that an agent is who it claims to be."""
+    return {"uid": os.getresuid(), "gid": os.getresgid(), "groups": sorted(os.getgroups()),
+            "umask": _get_umask()}
+
+
+def _get_umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+def tree_state(root: str) -> dict[str, dict[str, Any]]:
+    """Everything comparable about every object under root, keyed by relative path
+    ("." is root itself): type, mode, uid, gid, nlink, size (not for directories,
+    whose size is a filesystem detail), contents of regular files, symlink
+    targets and user.* xattrs. Symlinks are never followed."""
+    import stat as stat_mod  # local: this module's own stat() shadows the name
+
+    out: dict[str, dict[str, Any]] = {}
+
+    def visit(rel: str, path: str) -> None:
+        st = os.lstat(path)
+        kind = stat_mod.S_IFMT(st.st_mode)
+        entry: dict[str, Any] = {
+            "type": stat_mod.filemode(kind)[0], "mode": oct(stat_mod.S_IMODE(st.st_mode)),
+            "uid": st.st_uid, "gid": st.st_gid, "nlink": st.st_nlink,
+        }
+        if stat_mod.S_ISREG(kind):
+            entry["size"] = st.st_size
+            # No O_NOFOLLOW: lstat just said it is a regular file, and the walk
+            # must not depend on how a filesystem treats that flag.
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                entry["data"] = os.read(fd, st.st_size + 1)
+            finally:
+                os.close(fd)
+        elif stat_mod.S_ISLNK(kind):
+            entry["target"] = os.readlink(path)
+        if not stat_mod.S_ISLNK(kind):
+            entry["xattrs"] = {n: os.getxattr(path, n, follow_symlinks=False)
+                               for n in sorted(os.listxattr(path, follow_symlinks=False))
+                               if n.startswith("user.")}
+        out[rel] = entry
+        if stat_mod.S_ISDIR(kind):
+            for name in sorted(os.listdir(path)):
+                visit(name if rel == "." else f"{rel}/{name}", os.path.join(path, name))
+
+    visit(".", root)
+    return out
+
+
+def statvfs(path: str) -> dict[str, int]:
+    """statvfs(2) fields (free counts move with any activity on the filesystem)."""
+    sv = os.statvfs(path)
+    return {name: getattr(sv, name) for name in (
+        "f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
+        "f_favail", "f_namemax")}
+
+
+def exec_status(path: str, timeout: float = 10.0) -> int:
+    """Run path (no arguments) in a child process: its exit status. A refused
+    execve() raises the OSError with its errno (subprocess reports it back)."""
+    import subprocess
+
+    return subprocess.run([path], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, timeout=timeout, check=False).returncode
+
+
+_libc.access.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.access.restype = ctypes.c_int
+
+
+def access_errno(path: str, mode: int) -> None:
+    """access(2) that reports why: returns None or raises OSError(errno), where
+    os.access() would only say False. Agents have real == effective ids."""
+    if _libc.access(os.fsencode(path), mode) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
