@@ -89,10 +89,6 @@ def access(fd: int, mode: int) -> None:
 
 
 def open_(fd: int, flags: int) -> int:
-    if flags & FMODE_EXEC:
-        # Without default_permissions the kernel only checks that *some* x bit
-        # is set before exec; make the caller's own execute check here.
-        access(fd, os.X_OK)
     return os.open(fd_path(fd), (flags & ~_OPEN_STRIP) | os.O_CLOEXEC)
 
 
@@ -239,6 +235,13 @@ def statfs(fd: int) -> os.statvfs_result:
 
 def read(fh: int, off: int, size: int) -> bytes:
     return os.pread(fh, size, off)
+
+
+def only_clears_setid(current: int, new: int) -> bool:
+    """True when new is current with only setuid and/or setgid removed."""
+    setid = stat.S_ISUID | stat.S_ISGID
+    cur, new = stat.S_IMODE(current), stat.S_IMODE(new)
+    return cur != new and new | (cur & setid) == cur and not (cur ^ new) & ~setid
 
 
 def kill_privileges(fd: int) -> None:

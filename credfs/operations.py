@@ -8,6 +8,7 @@ filesystem decides, as the identity the worker holds.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import inspect
@@ -23,7 +24,7 @@ from pyfuse3 import FUSEError
 
 from . import backing
 from .cache import CachePolicy, searchable_by_all
-from .creds import CredentialError, Credentials
+from .creds import CAP_DAC_READ_SEARCH, CredentialError, Credentials, cap_bit
 from .identity import IdentitySource
 from .inodes import Inode, InodeTable
 from .workers import WorkerPool
@@ -32,10 +33,19 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# pyfuse3 turns "set to now" into an explicit timestamp it reads just before
-# calling setattr; a request carrying both times equal to within this of our
-# own clock is treated as utimensat(NULL) ("touch"), which writers may do too.
-_NOW_WINDOW_NS = 2_000_000_000
+# pyfuse3 turns "set to now" into an explicit timestamp it reads from the clock
+# immediately before calling setattr (no await in between). A request whose two
+# times are that same nanosecond-precise reading, within this of our own clock,
+# is taken as utimensat(NULL) ("touch"), which writers may do, not only owners.
+_NOW_WINDOW_NS = 50_000_000
+
+
+def _is_touch(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> bool:
+    if not (fields.update_atime and fields.update_mtime):
+        return False
+    t = attr.st_atime_ns
+    return (t == attr.st_mtime_ns and t % 1_000_000_000 != 0
+            and 0 <= time.time_ns() - t < _NOW_WINDOW_NS)
 
 # Read-only xattr on the mount root: the credential mode and, in mounter mode,
 # the credentials recorded at mount time. Not listed, so copies don't take it.
@@ -204,18 +214,46 @@ class Operations(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
-        if (fields.update_atime and fields.update_mtime
-                and attr.st_atime_ns == attr.st_mtime_ns
-                and 0 <= time.time_ns() - attr.st_atime_ns < _NOW_WINDOW_NS):
-            change.touch = True
+        change.touch = _is_touch(attr, fields)
         if change.size is not None:
             change.kill_privs = self.identity.kills_privileges(ctx)
         creds = self._who(ctx)
         fd = None if fh is None else self._handle(fh).fd
-        st = await self._run(creds, backing.setattr_, node.fd, fd, change)
+        try:
+            st = await self._run(creds, backing.setattr_, node.fd, fd, change)
+        except FUSEError as exc:
+            if exc.errno != errno.EPERM or change.mode is None:
+                raise
+            st = await self._kill_setid_for_writer(node, creds, fd, change)
         if node.is_dir:
             self._refresh_dir(node, None, st)
         return self._attrs(node, st)
+
+    async def _kill_setid_for_writer(self, node: Inode, creds: Credentials, fd: int | None,
+                                     change: backing.AttrChange) -> os.stat_result:
+        """The kernel's own suid/sgid kill before a write or truncate.
+
+        Natively the kernel clears these bits for any writer (ATTR_FORCE); over
+        FUSE (no FUSE_HANDLE_KILLPRIV from pyfuse3) it sends a plain chmod that
+        the backing filesystem refuses a caller who does not own the file. So a
+        chmod that only clears setuid/setgid, by a caller who may write the file,
+        is done as the file's owner (no capabilities), and the rest of the
+        request as the caller. Indistinguishable from it, a non-owning writer's
+        own `chmod u-s` is therefore allowed too (see README).
+        """
+        assert change.mode is not None
+        current = await self._run(creds, backing.getattr_, node.fd)
+        if not backing.only_clears_setid(current.st_mode, change.mode):
+            raise FUSEError(errno.EPERM)
+        try:
+            await self._run(creds, backing.access, node.fd, os.W_OK)
+        except FUSEError:
+            raise FUSEError(errno.EPERM) from None
+        owner = Credentials(current.st_uid, current.st_gid, (current.st_gid,), 0)
+        await self._run(owner, backing.setattr_, node.fd, None,
+                        backing.AttrChange(mode=change.mode))
+        rest = dataclasses.replace(change, mode=None)
+        return await self._run(creds, backing.setattr_, node.fd, fd, rest)
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         node = self.table.get(inode)
@@ -283,7 +321,14 @@ class Operations(pyfuse3.Operations):
                    ) -> pyfuse3.FileInfo:
         node = self.table.get(inode)
         creds = self._who(ctx)
-        fd = await self._run(creds, backing.open_, node.fd, flags)
+        opener = creds
+        if flags & backing.FMODE_EXEC and not self.identity.kernel_checks_permissions:
+            # execve needs x, not r: check x as the caller, then open for the
+            # kernel to read the image as the kernel itself would (the file is
+            # never handed to the caller's userspace).
+            await self._run(creds, backing.access, node.fd, os.X_OK)
+            opener = dataclasses.replace(creds, caps=creds.caps | cap_bit(CAP_DAC_READ_SEARCH))
+        fd = await self._run(opener, backing.open_, node.fd, flags)
         handle = Handle(fd, creds, node=inode)
         if flags & os.O_ACCMODE != os.O_RDONLY:
             handle.kill_privs = self.identity.kills_privileges(ctx)

@@ -217,3 +217,128 @@ def access_errno(path: str, mode: int) -> None:
     if _libc.access(os.fsencode(path), mode) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), path)
+
+
+# --- cache visibility and inode lifetime (test_cache_visibility, test_inodes) ---
+
+
+def listdir_stat(path: str) -> list[tuple[str, tuple[str, int]]]:
+    """What `ls -l` does: list path, then lstat each name in it. Sorted
+    (name, ("ok", st_mode) or ("err", errno)) pairs; listing errors raise."""
+    out: list[tuple[str, tuple[str, int]]] = []
+    for name in sorted(os.listdir(path)):
+        try:
+            out.append((name, ("ok", os.lstat(os.path.join(path, name)).st_mode)))
+        except OSError as e:
+            out.append((name, ("err", e.errno or 0)))
+    return out
+
+
+def stat_count(path: str) -> int:
+    """lstat every name in directory path, one by one; how many succeeded."""
+    ok = 0
+    for name in os.listdir(path):
+        try:
+            os.lstat(os.path.join(path, name))
+            ok += 1
+        except OSError:
+            pass
+    return ok
+
+
+def stat_ino(path: str) -> int:
+    """st_ino (lstat), to tell which file a name reaches; not for comparisons."""
+    return os.lstat(path).st_ino
+
+
+def stat_loop(path: str, seconds: float) -> list[tuple[int, int]]:
+    """A timing probe, not for comparisons: lstat path back to back for `seconds`.
+    One (CLOCK_MONOTONIC ns when the attempt started, 0 or errno) per attempt."""
+    import time
+
+    out: list[tuple[int, int]] = []
+    end = time.monotonic_ns() + int(seconds * 1e9)
+    while (start := time.monotonic_ns()) < end:
+        try:
+            os.lstat(path)
+            out.append((start, 0))
+        except OSError as e:
+            out.append((start, e.errno or -1))
+    return out
+
+
+def chmod_timed(path: str, mode: int) -> int:
+    """chmod; CLOCK_MONOTONIC ns right after it returned (pairs with stat_loop)."""
+    import time
+
+    os.chmod(path, mode)
+    return time.monotonic_ns()
+
+
+def rename_timed(src: str, dst: str) -> int:
+    """rename; CLOCK_MONOTONIC ns right after it returned (pairs with stat_loop)."""
+    import time
+
+    os.rename(src, dst)
+    return time.monotonic_ns()
+
+
+def open_fd(path: str, flags: int = os.O_RDONLY) -> int:
+    """Open path and keep it open in the agent (until close_fd); the fd number."""
+    return os.open(path, flags)
+
+
+def pread_fd(fd: int, size: int, offset: int = 0) -> bytes:
+    return os.pread(fd, size, offset)
+
+
+def fstat_fd(fd: int) -> dict[str, int]:
+    """fstat of a held fd, with the same keys as stat()."""
+    st = os.fstat(fd)
+    return {"mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid,
+            "size": st.st_size, "nlink": st.st_nlink}
+
+
+def close_fd(fd: int) -> None:
+    os.close(fd)
+
+
+def pwrite(path: str, data: bytes, offset: int) -> int:
+    """open(path, O_WRONLY), one pwrite at offset, close; bytes written."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        return os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def drop_caps(caps: list[int]) -> str:
+    """Remove capabilities (by number: 0 chown, 1 dac_override, 2 dac_read_search,
+    3 fowner, ...) from this agent's effective, permitted and inheritable sets,
+    for good. Returns the CapEff line of /proc/self/status (hex) afterwards."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if _libc.capget(ctypes.byref(header), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    for cap in caps:
+        word, bit = divmod(cap, 32)
+        for field in ("effective", "permitted", "inheritable"):
+            setattr(data[word], field, getattr(data[word], field) & ~(1 << bit))
+    if _libc.capset(ctypes.byref(header), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    with open("/proc/self/status") as f:
+        return next(line.split()[1] for line in f if line.startswith("CapEff:"))
