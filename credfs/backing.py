@@ -12,6 +12,7 @@ identity.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import stat
@@ -24,7 +25,9 @@ ACL_DEFAULT = "system.posix_acl_default"
 
 # __FMODE_EXEC: the kernel marks opens made by execve() with this bit.
 FMODE_EXEC = 0x20
-_OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | FMODE_EXEC
+# O_NOFOLLOW too: the kernel already resolved the name (a symlink never reaches
+# FUSE open), and on the /proc/self/fd magic link it would only give ELOOP.
+_OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | FMODE_EXEC
 
 
 def fd_path(fd: int) -> str:
@@ -39,24 +42,25 @@ def check_name(name: bytes) -> None:
 
 @dataclass(slots=True)
 class Found:
-    """A name resolved to an O_PATH descriptor and its attributes."""
+    """A name resolved to an O_PATH descriptor and its attributes, and whether
+    its parent was searchable by everyone when we looked, right after."""
 
     fd: int
     st: os.stat_result
-    has_access_acl: bool
+    parent_public: bool = False
 
 
-def _has_access_acl(fd: int, st: os.stat_result) -> bool:
-    # Only directories whose mode already lets everyone search need the check.
-    if not (st.st_mode & 0o40000 and st.st_mode & 0o111 == 0o111):
+def public_dir(fd: int, st: os.stat_result | None = None) -> bool:
+    """Is the directory fd refers to searchable by everyone? (see cache.py)"""
+    st = st or os.fstat(fd)
+    if not (stat.S_ISDIR(st.st_mode) and st.st_mode & 0o111 == 0o111):
         return False
     try:
         os.getxattr(fd_path(fd), ACL_ACCESS)
     except OSError as exc:
-        if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP):
-            return False
-        return True  # cannot tell: assume it may refuse someone
-    return True
+        # No ACL: the mode decides. Any other answer: assume it may refuse someone.
+        return exc.errno in (errno.ENODATA, errno.EOPNOTSUPP)
+    return False
 
 
 def open_path(dir_fd: int, name: bytes) -> Found:
@@ -64,8 +68,7 @@ def open_path(dir_fd: int, name: bytes) -> Found:
     check_name(name)
     fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
-        st = os.fstat(fd)
-        return Found(fd, st, _has_access_acl(fd, st))
+        return Found(fd, os.fstat(fd), public_dir(dir_fd))
     except BaseException:
         os.close(fd)
         raise
@@ -74,8 +77,13 @@ def open_path(dir_fd: int, name: bytes) -> Found:
 def reopen_path(fd: int) -> Found:
     """An O_PATH descriptor for the object an open file refers to."""
     pfd = os.open(fd_path(fd), os.O_PATH | os.O_CLOEXEC)
-    st = os.fstat(pfd)
-    return Found(pfd, st, _has_access_acl(pfd, st))
+    return Found(pfd, os.fstat(pfd))
+
+
+def stat_dir(fd: int) -> tuple[os.stat_result, bool]:
+    """Attributes of a directory and whether everyone may search it."""
+    st = os.fstat(fd)
+    return st, public_dir(fd, st)
 
 
 def getattr_(fd: int) -> os.stat_result:
@@ -164,6 +172,11 @@ class AttrChange:
 
 
 def setattr_(fd: int, fh: int | None, change: AttrChange) -> os.stat_result:
+    if change.mode is not None and change.size is not None \
+            and only_clears_setid(os.fstat(fd).st_mode, change.mode):
+        # The kernel's suid/sgid kill riding on a truncate: the truncate below,
+        # done as the caller, clears them itself (or fails as natively).
+        change = dataclasses.replace(change, mode=None)
     if change.uid is not None or change.gid is not None:
         syscalls.fchownat_empty(fd, -1 if change.uid is None else change.uid,
                                 -1 if change.gid is None else change.gid)
@@ -223,9 +236,16 @@ def lookup_listed(dir_fh: int, entries: list[DirEntry]) -> list[Found | OSError]
     out: list[Found | OSError] = []
     for entry in entries:
         try:
-            out.append(open_path(dir_fh, entry.name))
+            check_name(entry.name)
+            fd = os.open(entry.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fh)
         except OSError as exc:
             out.append(exc)
+            continue
+        out.append(Found(fd, os.fstat(fd)))
+    public = public_dir(dir_fh)  # looked at after the names were resolved
+    for item in out:
+        if isinstance(item, Found):
+            item.parent_public = public
     return out
 
 

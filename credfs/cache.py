@@ -25,8 +25,12 @@ caller), so their timeout only bounds how stale a stat may be.
 from __future__ import annotations
 
 import enum
-import stat
 from dataclasses import dataclass
+from typing import Protocol
+
+import pyfuse3
+
+from .notify import KernelNotifier
 
 
 class CacheMode(enum.Enum):
@@ -49,20 +53,67 @@ class CachePolicy:
             return cls(mode, 1.0, True)
         return cls(mode, 3600.0, True)
 
-    def entry_timeout(self, parent_searchable_by_all: bool) -> float:
-        return self.timeout if parent_searchable_by_all else 0.0
-
     @property
     def attr_timeout(self) -> float:
         return self.timeout
 
 
-def searchable_by_all(mode: int, has_access_acl: bool) -> bool:
-    """True when no caller can be refused search permission on this directory.
+class CachedDir(Protocol):
+    node: int
+    cached_names: set[bytes]
+    search_epoch: int
 
-    Owner, group and other all need x: the kernel checks the class the caller
-    falls in (owner, then group, then other) and does not fall through, so a
-    directory of mode 0701 refuses its group. A named ACL entry could refuse a
-    particular user or group too.
+
+class NameCache:
+    """Which names the kernel may serve from its dentry cache, and dropping them.
+
+    A name gets a positive entry timeout only when its parent was seen
+    searchable by everyone *after* the name was resolved (the worker looks at
+    the parent right then) and no change through the mount reduced the
+    parent's searchability while the request was under way (search_epoch).
+    Every change through the mount that leaves a directory not searchable by
+    all drops all names cached in it, whatever was believed before.
     """
-    return stat.S_ISDIR(mode) and mode & 0o111 == 0o111 and not has_access_acl
+
+    def __init__(self, policy: CachePolicy, notifier: KernelNotifier) -> None:
+        self.policy = policy
+        self.notifier = notifier
+
+    def entry_timeout(self, parent: CachedDir, name: bytes, parent_public: bool,
+                      epoch_at_start: int) -> float:
+        if not (parent_public and parent.search_epoch == epoch_at_start):
+            return 0.0
+        timeout = self.policy.timeout
+        if timeout:
+            parent.cached_names.add(name)
+        return timeout
+
+    def observed(self, directory: CachedDir, public: bool) -> None:
+        """A fresh look at a directory (getattr, lookup): drop its names if it is
+        no longer searchable by all (for example after a change behind our back)."""
+        if not public and directory.cached_names:
+            self._drop_all(directory)
+
+    def changed(self, directory: CachedDir, public: bool) -> None:
+        """Mode, owner or ACL of a directory changed through the mount. Called
+        before the reply: the change must not return while a cached name still
+        lets someone past the directory."""
+        directory.search_epoch += 1
+        if not public and self.policy.timeout and not self.notifier.drop_all_entries():
+            self._drop_all(directory)
+
+    def removed(self, parent: CachedDir, name: bytes) -> None:
+        parent.cached_names.discard(name)
+
+    def moved_in(self, parent: CachedDir, name: bytes, public: bool) -> None:
+        """A name arrived by rename: the kernel moved its dentry, timeout and all."""
+        parent.cached_names.discard(name)
+        if not public and self.policy.timeout and not self.notifier.drop_all_entries():
+            # The kernel moves the dentry after our reply: without epochs this
+            # can only be dropped afterwards.
+            pyfuse3.invalidate_entry_async(parent.node, name, ignore_enoent=True)
+
+    def _drop_all(self, directory: CachedDir) -> None:
+        for name in directory.cached_names:
+            pyfuse3.invalidate_entry_async(directory.node, name, ignore_enoent=True)
+        directory.cached_names.clear()

@@ -83,6 +83,17 @@ def from_proc(ctx: RequestContext, permitted_caps: int) -> Credentials:
     return Credentials(ctx.uid, ctx.gid, groups, caps)
 
 
+def current_syscall(tid: int) -> int | None:
+    """The syscall the calling thread is blocked in (it waits for our reply), or
+    None when that cannot be told."""
+    try:
+        with open(f"/proc/{tid}/syscall", "rb", buffering=0) as f:
+            first = f.read(32).split(b" ", 1)[0]
+        return int(first)
+    except (OSError, ValueError):
+        return None
+
+
 def from_group_database(ctx: RequestContext) -> Credentials:
     """Fallback for callers whose /proc entry cannot be read (--missing-groups nss)."""
     try:

@@ -38,8 +38,8 @@ class Inode:
     # Names in this directory handed to the kernel with a positive entry timeout;
     # they must be invalidated when this directory stops being searchable by all.
     cached_names: set[bytes] = field(default_factory=set)
-    searchable_by_all: bool = False
-    searchable_acl: bool = False  # an access ACL that may refuse someone search
+    # Bumped by every change through the mount that may reduce who can search it.
+    search_epoch: int = 0
 
     @property
     def is_dir(self) -> bool:

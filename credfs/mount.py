@@ -15,12 +15,13 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from . import kernelmount, privileges, syscalls
+from . import kernelmount, notify, privileges, syscalls
 from .cache import CachePolicy
 from .caller import CallerResolver
 from .creds import Credentials
 from .identity import CallerIdentity, IdentitySource, MounterIdentity, parse_mounter
 from .inodes import InodeTable
+from .notify import KernelNotifier
 from .operations import Operations
 from .options import MountOptions
 from .workers import WorkerPool
@@ -91,7 +92,9 @@ def serve(opts: MountOptions, ready: Ready) -> int:
     allow_other = opts.allow_other if opts.allow_other is not None else is_root
     if isinstance(identity, MounterIdentity):
         opts.default_permissions = True
-    ops = Operations(table, pool, identity, cache, kernel_applies_umask=not is_root)
+    notifier = KernelNotifier(None)
+    ops = Operations(table, pool, identity, cache, kernel_applies_umask=not is_root,
+                     notifier=notifier)
 
     summary = (f"credfs: serving {os.path.abspath(opts.source)} at "
                f"{os.path.abspath(opts.mountpoint)}; {identity.describe()}; cache "
@@ -111,6 +114,7 @@ def serve(opts: MountOptions, ready: Ready) -> int:
             if opts.default_permissions:
                 fuse_opts.add("default_permissions")
             pyfuse3.init(ops, opts.mountpoint, fuse_opts)
+        notifier.attach(notify.find_fuse_fd())
         log.info("%s", summary)
         trio.run(_main, ops, pool, opts, not is_root, ready, summary, early)
     finally:

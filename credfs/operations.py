@@ -22,11 +22,12 @@ from typing import Any, TypeVar
 import pyfuse3
 from pyfuse3 import FUSEError
 
-from . import backing
-from .cache import CachePolicy, searchable_by_all
+from . import backing, caller, syscalls
+from .cache import CachePolicy, NameCache
 from .creds import CAP_DAC_READ_SEARCH, CredentialError, Credentials, cap_bit
 from .identity import IdentitySource
 from .inodes import Inode, InodeTable
+from .notify import KernelNotifier
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -84,12 +85,14 @@ class Operations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, table: InodeTable, pool: WorkerPool, identity: IdentitySource,
-                 cache: CachePolicy, kernel_applies_umask: bool) -> None:
+                 cache: CachePolicy, kernel_applies_umask: bool,
+                 notifier: KernelNotifier) -> None:
         super().__init__()
         self.table = table
         self.pool = pool
         self.identity = identity
         self.cache = cache
+        self.names = NameCache(cache, notifier)
         self.kernel_applies_umask = kernel_applies_umask
         self.enable_acl = identity.kernel_checks_permissions
         self._handles: dict[int, Handle] = {}
@@ -133,8 +136,6 @@ class Operations(pyfuse3.Operations):
 
     def _attrs(self, inode: Inode, st: os.stat_result, entry_timeout: float = 0.0
                ) -> pyfuse3.EntryAttributes:
-        if inode.is_dir:
-            inode.searchable_by_all = searchable_by_all(st.st_mode, inode.searchable_acl)
         a = pyfuse3.EntryAttributes()
         a.st_ino = inode.node
         a.generation = 0
@@ -153,33 +154,23 @@ class Operations(pyfuse3.Operations):
         a.st_ctime_ns = st.st_ctime_ns
         return a
 
-    def _enter(self, parent: Inode, name: bytes, found: backing.Found
+    def _enter(self, parent: Inode, name: bytes, found: backing.Found, epoch: int
                ) -> pyfuse3.EntryAttributes:
-        """Register a resolved name with the kernel (one lookup reference)."""
+        """Register a resolved name with the kernel (one lookup reference).
+
+        epoch: the parent's search_epoch before the request started.
+        """
         inode = self.table.remember(found.fd, found.st)
-        inode.searchable_acl = found.has_access_acl
-        timeout = self.cache.entry_timeout(parent.searchable_by_all)
-        if timeout:
-            parent.cached_names.add(name)
+        # With default_permissions the kernel checks search permission itself on
+        # every step of a walk, cached or not: any name may be cached.
+        public = found.parent_public or self.identity.kernel_checks_permissions
+        timeout = self.names.entry_timeout(parent, name, public, epoch)
         return self._attrs(inode, found.st, timeout)
 
-    def _forget_name(self, parent: Inode, name: bytes) -> None:
-        parent.cached_names.discard(name)
-
-    def _invalidate_children(self, inode: Inode) -> None:
-        """A directory became searchable by fewer: drop the names cached in it."""
-        for name in inode.cached_names:
-            pyfuse3.invalidate_entry_async(inode.node, name, ignore_enoent=True)
-        inode.cached_names.clear()
-
-    def _refresh_dir(self, inode: Inode, found_acl: bool | None,
-                     st: os.stat_result) -> None:
-        was = inode.searchable_by_all
-        if found_acl is not None:
-            inode.searchable_acl = found_acl
-        inode.searchable_by_all = searchable_by_all(st.st_mode, inode.searchable_acl)
-        if was and not inode.searchable_by_all:
-            self._invalidate_children(inode)
+    async def _stat_dir_after_change(self, node: Inode, creds: Credentials) -> None:
+        """After a change through the mount to a directory's mode, owner or ACL."""
+        _st, public = await self._run(creds, backing.stat_dir, node.fd)
+        self.names.changed(node, public)
 
     # -- names ----------------------------------------------------------------
 
@@ -187,8 +178,9 @@ class Operations(pyfuse3.Operations):
                      ) -> pyfuse3.EntryAttributes:
         parent = self.table.get(parent_inode)
         creds = self._who(ctx)
+        epoch = parent.search_epoch
         found = await self._run(creds, backing.open_path, parent.fd, name)
-        return self._enter(parent, name, found)
+        return self._enter(parent, name, found, epoch)
 
     def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for node, count in inode_list:
@@ -197,9 +189,11 @@ class Operations(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext
                       ) -> pyfuse3.EntryAttributes:
         node = self.table.get(inode)
-        st = await self._run(self._who(ctx), backing.getattr_, node.fd)
         if node.is_dir:
-            self._refresh_dir(node, None, st)
+            st, public = await self._run(self._who(ctx), backing.stat_dir, node.fd)
+            self.names.observed(node, public)
+        else:
+            st = await self._run(self._who(ctx), backing.getattr_, node.fd)
         return self._attrs(node, st)
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
@@ -224,27 +218,32 @@ class Operations(pyfuse3.Operations):
         except FUSEError as exc:
             if exc.errno != errno.EPERM or change.mode is None:
                 raise
-            st = await self._kill_setid_for_writer(node, creds, fd, change)
-        if node.is_dir:
-            self._refresh_dir(node, None, st)
+            st = await self._kill_setid_for_writer(node, creds, fd, change, ctx)
+        if node.is_dir and (change.mode is not None or change.uid is not None
+                            or change.gid is not None):
+            await self._stat_dir_after_change(node, creds)
         return self._attrs(node, st)
 
     async def _kill_setid_for_writer(self, node: Inode, creds: Credentials, fd: int | None,
-                                     change: backing.AttrChange) -> os.stat_result:
+                                     change: backing.AttrChange,
+                                     ctx: pyfuse3.RequestContext) -> os.stat_result:
         """The kernel's own suid/sgid kill before a write or truncate.
 
         Natively the kernel clears these bits for any writer (ATTR_FORCE); over
         FUSE (no FUSE_HANDLE_KILLPRIV from pyfuse3) it sends a plain chmod that
         the backing filesystem refuses a caller who does not own the file. So a
-        chmod that only clears setuid/setgid, by a caller who may write the file,
-        is done as the file's owner (no capabilities), and the rest of the
-        request as the caller. Indistinguishable from it, a non-owning writer's
-        own `chmod u-s` is therefore allowed too (see README).
+        chmod that only clears setuid/setgid, by a caller who may write the file
+        and who is not itself in a chmod syscall (then it is the kernel's kill on
+        its behalf, for a write), is done as the file's owner (no capabilities),
+        and the rest of the request as the caller.
         """
         assert change.mode is not None
         current = await self._run(creds, backing.getattr_, node.fd)
         if not backing.only_clears_setid(current.st_mode, change.mode):
             raise FUSEError(errno.EPERM)
+        syscall = caller.current_syscall(ctx.pid) if ctx.pid > 0 else None
+        if syscall is None or syscall in syscalls.CHMOD_FAMILY:
+            raise FUSEError(errno.EPERM)  # the caller's own chmod: refused as natively
         try:
             await self._run(creds, backing.access, node.fd, os.W_OK)
         except FUSEError:
@@ -263,57 +262,61 @@ class Operations(pyfuse3.Operations):
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.table.get(parent_inode)
         creds = self.identity.creator_creds(ctx, self._who(ctx), parent)
+        epoch = parent.search_epoch
         found = await self._run(creds, backing.mknod, parent.fd, name, mode, rdev,
                                 umask=self._umask(ctx))
-        return self._enter(parent, name, found)
+        return self._enter(parent, name, found, epoch)
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.table.get(parent_inode)
         creds = self.identity.creator_creds(ctx, self._who(ctx), parent)
+        epoch = parent.search_epoch
         found = await self._run(creds, backing.mkdir, parent.fd, name, mode,
                                 umask=self._umask(ctx))
-        return self._enter(parent, name, found)
+        return self._enter(parent, name, found, epoch)
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.table.get(parent_inode)
         creds = self.identity.creator_creds(ctx, self._who(ctx), parent)
+        epoch = parent.search_epoch
         found = await self._run(creds, backing.symlink, parent.fd, name, target)
-        return self._enter(parent, name, found)
+        return self._enter(parent, name, found, epoch)
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.table.get(inode)
         parent = self.table.get(new_parent_inode)
+        epoch = parent.search_epoch
         found = await self._run(self._who(ctx), backing.link, node.fd, parent.fd, new_name)
-        return self._enter(parent, new_name, found)
+        return self._enter(parent, new_name, found, epoch)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                      ) -> None:
         parent = self.table.get(parent_inode)
         await self._run(self._who(ctx), backing.unlink, parent.fd, name)
-        self._forget_name(parent, name)
+        self.names.removed(parent, name)
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                     ) -> None:
         parent = self.table.get(parent_inode)
         await self._run(self._who(ctx), backing.rmdir, parent.fd, name)
-        self._forget_name(parent, name)
+        self.names.removed(parent, name)
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
         old = self.table.get(parent_inode_old)
         new = self.table.get(parent_inode_new)
-        await self._run(self._who(ctx), backing.rename, old.fd, name_old, new.fd, name_new,
-                        flags)
-        self._forget_name(old, name_old)
-        self._forget_name(new, name_new)
-        # The kernel moves the cached dentry, timeout and all. Where a name now
-        # sits in a directory that not everyone may search, drop it from the cache.
-        for parent, name in ((new, name_new), (old, name_old)):
-            if not parent.searchable_by_all and self.cache.timeout:
-                pyfuse3.invalidate_entry_async(parent.node, name, ignore_enoent=True)
+        creds = self._who(ctx)
+        await self._run(creds, backing.rename, old.fd, name_old, new.fd, name_new, flags)
+        self.names.removed(old, name_old)
+        _st, public = await self._run(creds, backing.stat_dir, new.fd)
+        self.names.moved_in(new, name_new, public or self.identity.kernel_checks_permissions)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            # The other name moved the other way.
+            _st, public = await self._run(creds, backing.stat_dir, old.fd)
+            self.names.moved_in(old, name_old, public or self.identity.kernel_checks_permissions)
 
     # -- files ----------------------------------------------------------------
 
@@ -329,6 +332,10 @@ class Operations(pyfuse3.Operations):
             await self._run(creds, backing.access, node.fd, os.X_OK)
             opener = dataclasses.replace(creds, caps=creds.caps | cap_bit(CAP_DAC_READ_SEARCH))
         fd = await self._run(opener, backing.open_, node.fd, flags)
+        if flags & os.O_TRUNC and self.identity.kills_privileges(ctx):
+            # FUSE's atomic O_TRUNC skips the kernel's own suid/sgid kill, and
+            # the mounter truncating for the caller may hold CAP_FSETID.
+            await self._run(creds, backing.kill_privileges, fd)
         handle = Handle(fd, creds, node=inode)
         if flags & os.O_ACCMODE != os.O_RDONLY:
             handle.kill_privs = self.identity.kills_privileges(ctx)
@@ -345,9 +352,10 @@ class Operations(pyfuse3.Operations):
         parent = self.table.get(parent_inode)
         creds = self._who(ctx)
         maker = self.identity.creator_creds(ctx, creds, parent)
+        epoch = parent.search_epoch
         fd, found = await self._run(maker, backing.create, parent.fd, name, flags, mode,
                                     umask=self._umask(ctx))
-        entry = self._enter(parent, name, found)
+        entry = self._enter(parent, name, found, epoch)
         handle = Handle(fd, creds, node=entry.st_ino,
                         kill_privs=self.identity.kills_privileges(ctx))
         return self._file_info(self._new_handle(handle)), entry
@@ -394,6 +402,7 @@ class Operations(pyfuse3.Operations):
         batch = 32
         while pos < len(entries):
             chunk = entries[pos:pos + batch]
+            epoch = parent.search_epoch
             found = await self._run(h.creds, backing.lookup_listed, h.fd, chunk)
             for i, (entry, item) in enumerate(zip(chunk, found, strict=True)):
                 if isinstance(item, OSError):
@@ -401,7 +410,7 @@ class Operations(pyfuse3.Operations):
                         continue  # gone since it was listed
                     attrs = self._placeholder_attrs(entry.type_bits)
                 else:
-                    attrs = self._enter(parent, entry.name, item)
+                    attrs = self._enter(parent, entry.name, item, epoch)
                 if not pyfuse3.readdir_reply(token, entry.name, attrs, pos + i + 1):
                     # The kernel's buffer is full: this entry was not sent.
                     self.table.forget(attrs.st_ino, 1)
@@ -460,9 +469,10 @@ class Operations(pyfuse3.Operations):
         if inode == pyfuse3.ROOT_INODE and name == CREDS_XATTR:
             raise FUSEError(errno.EPERM)  # read-only: recorded once, at mount
         node = self.table.get(inode)
-        await self._run(self._who(ctx), backing.setxattr, node.fd, name, value)
+        creds = self._who(ctx)
+        await self._run(creds, backing.setxattr, node.fd, name, value)
         if name in _ACL_NAMES and node.is_dir:
-            await self._recheck_dir(node, ctx)
+            await self._stat_dir_after_change(node, creds)
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         node = self.table.get(inode)
@@ -472,14 +482,11 @@ class Operations(pyfuse3.Operations):
         if inode == pyfuse3.ROOT_INODE and name == CREDS_XATTR:
             raise FUSEError(errno.EPERM)
         node = self.table.get(inode)
-        await self._run(self._who(ctx), backing.removexattr, node.fd, name)
+        creds = self._who(ctx)
+        await self._run(creds, backing.removexattr, node.fd, name)
         if name in _ACL_NAMES and node.is_dir:
-            await self._recheck_dir(node, ctx)
+            await self._stat_dir_after_change(node, creds)
 
-    async def _recheck_dir(self, node: Inode, ctx: pyfuse3.RequestContext) -> None:
-        found = await self._run(self._who(ctx), backing.reopen_path, node.fd)
-        os.close(found.fd)
-        self._refresh_dir(node, found.has_access_acl, found.st)
 
 
 # Guard every request handler (not the plumbing above, which they call).

@@ -23,17 +23,22 @@ _NR = {
         "setgroups": 116, "getgroups": 115, "setfsuid": 122, "setfsgid": 123,
         "capget": 125, "capset": 126, "renameat2": 316, "faccessat2": 439,
         "unshare": 272, "fchmodat2": 452,
+        "chmod": 90, "fchmod": 91, "fchmodat": 268,
     },
     "aarch64": {
         "setgroups": 159, "getgroups": 158, "setfsuid": 151, "setfsgid": 152,
         "capget": 90, "capset": 91, "renameat2": 276, "faccessat2": 439,
         "unshare": 97, "fchmodat2": 452,
+        "fchmod": 52, "fchmodat": 53,
     },
 }
 try:
     NR = _NR[platform.machine()]
 except KeyError as exc:  # pragma: no cover - refuse rather than guess numbers
     raise ImportError(f"credfs: unsupported architecture {platform.machine()!r}") from exc
+
+# The syscalls by which a process asks for a mode change itself.
+CHMOD_FAMILY = frozenset(NR[n] for n in ("chmod", "fchmod", "fchmodat", "fchmodat2") if n in NR)
 
 AT_EMPTY_PATH = 0x1000
 AT_SYMLINK_NOFOLLOW = 0x100
