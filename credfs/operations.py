@@ -233,17 +233,17 @@ class Operations(pyfuse3.Operations):
         FUSE (no FUSE_HANDLE_KILLPRIV from pyfuse3) it sends a plain chmod that
         the backing filesystem refuses a caller who does not own the file. So a
         chmod that only clears setuid/setgid, by a caller who may write the file
-        and who is not itself in a chmod syscall (then it is the kernel's kill on
-        its behalf, for a write), is done as the file's owner (no capabilities),
-        and the rest of the request as the caller.
+        and whose thread is in a write syscall (so it is the kernel's kill on
+        its behalf, not a chmod or chown it asked for), is done as the file's
+        owner (no capabilities), and the rest of the request as the caller.
         """
         assert change.mode is not None
         current = await self._run(creds, backing.getattr_, node.fd)
         if not backing.only_clears_setid(current.st_mode, change.mode):
             raise FUSEError(errno.EPERM)
         syscall = caller.current_syscall(ctx.pid) if ctx.pid > 0 else None
-        if syscall is None or syscall in syscalls.CHMOD_FAMILY:
-            raise FUSEError(errno.EPERM)  # the caller's own chmod: refused as natively
+        if syscall not in syscalls.WRITE_FAMILY:
+            raise FUSEError(errno.EPERM)  # the caller's own chmod/chown: refused as natively
         try:
             await self._run(creds, backing.access, node.fd, os.W_OK)
         except FUSEError:

@@ -23,13 +23,17 @@ _NR = {
         "setgroups": 116, "getgroups": 115, "setfsuid": 122, "setfsgid": 123,
         "capget": 125, "capset": 126, "renameat2": 316, "faccessat2": 439,
         "unshare": 272, "fchmodat2": 452,
-        "chmod": 90, "fchmod": 91, "fchmodat": 268,
+        "write": 1, "pwrite64": 18, "writev": 20, "pwritev": 296, "pwritev2": 328,
+        "copy_file_range": 326, "sendfile": 40, "splice": 275, "fallocate": 285,
+        "io_submit": 209, "io_uring_enter": 426,
     },
     "aarch64": {
         "setgroups": 159, "getgroups": 158, "setfsuid": 151, "setfsgid": 152,
         "capget": 90, "capset": 91, "renameat2": 276, "faccessat2": 439,
         "unshare": 97, "fchmodat2": 452,
-        "fchmod": 52, "fchmodat": 53,
+        "write": 64, "pwrite64": 68, "writev": 66, "pwritev": 70, "pwritev2": 287,
+        "copy_file_range": 285, "sendfile": 71, "splice": 76, "fallocate": 47,
+        "io_submit": 2, "io_uring_enter": 426,
     },
 }
 try:
@@ -37,8 +41,11 @@ try:
 except KeyError as exc:  # pragma: no cover - refuse rather than guess numbers
     raise ImportError(f"credfs: unsupported architecture {platform.machine()!r}") from exc
 
-# The syscalls by which a process asks for a mode change itself.
-CHMOD_FAMILY = frozenset(NR[n] for n in ("chmod", "fchmod", "fchmodat", "fchmodat2") if n in NR)
+# Syscalls during which the kernel itself clears setuid/setgid bits (a write
+# into the file), as opposed to a chmod or chown the caller asked for.
+WRITE_FAMILY = frozenset(NR[n] for n in (
+    "write", "pwrite64", "writev", "pwritev", "pwritev2", "copy_file_range", "sendfile",
+    "splice", "fallocate", "io_submit", "io_uring_enter"))
 
 AT_EMPTY_PATH = 0x1000
 AT_SYMLINK_NOFOLLOW = 0x100
