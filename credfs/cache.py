@@ -12,10 +12,10 @@ can only skip the daemon on steps that every caller is allowed to take; the
 first step through a directory that someone may not search has a zero entry
 timeout, so the kernel asks the daemon again, as that caller. When a change
 made through the mount (chmod, chown, ACL change) makes a directory
-searchable by fewer, its cached names are invalidated at once; a rename
-through the mount invalidates the moved name when it lands in such a
-directory. Changes made directly on the backing directory are seen when the
-timeout runs out.
+searchable by fewer, or a rename moves a name into such a directory, every
+cached name of the mount is made stale before the reply (see notify.py).
+Changes made directly on the backing directory are seen when the timeout
+runs out.
 
 Attributes are never used for permission decisions in caller mode (every
 open, access and name lookup is decided by the backing filesystem as the

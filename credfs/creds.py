@@ -14,20 +14,11 @@ from dataclasses import dataclass
 
 from . import syscalls
 
-# The capabilities that decide filesystem permission questions. The kernel
-# clears exactly these from the effective set when fsuid leaves 0 (CAP_FS_MASK)
-# and raises them again when it returns to 0.
-CAP_CHOWN = 0
-CAP_DAC_OVERRIDE = 1
+# Capability numbers credfs refers to by name (linux/capability.h).
 CAP_DAC_READ_SEARCH = 2
-CAP_FOWNER = 3
 CAP_FSETID = 4
 CAP_SETGID = 6
 CAP_SETUID = 7
-CAP_LINUX_IMMUTABLE = 9
-CAP_SYS_ADMIN = 21
-CAP_MKNOD = 27
-CAP_MAC_OVERRIDE = 32
 
 CAP_NAMES = {
     0: "chown", 1: "dac_override", 2: "dac_read_search", 3: "fowner", 4: "fsetid",

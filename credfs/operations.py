@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -76,7 +76,6 @@ class Handle:
     kill_privs: bool = False  # writes must clear setuid/setgid (see IdentitySource)
     entries: list[backing.DirEntry] | None = None
     node: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Operations(pyfuse3.Operations):
