@@ -99,19 +99,41 @@ class NameCache:
         before the reply: the change must not return while a cached name still
         lets someone past the directory."""
         directory.search_epoch += 1
-        if not public and self.policy.timeout and not self.notifier.drop_all_entries():
+        if public or not directory.cached_names:
+            return  # nothing in it is cached past the new rule
+        if self.notifier.drop_all_entries():
+            directory.cached_names.clear()
+        else:
             self._drop_all(directory)
 
     def removed(self, parent: CachedDir, name: bytes) -> None:
         parent.cached_names.discard(name)
 
-    def moved_in(self, parent: CachedDir, name: bytes, public: bool) -> None:
-        """A name arrived by rename: the kernel moved its dentry, timeout and all."""
-        parent.cached_names.discard(name)
-        if not public and self.policy.timeout and not self.notifier.drop_all_entries():
-            # The kernel moves the dentry after our reply: without epochs this
+    def renamed(self, old: CachedDir, old_name: bytes, new: CachedDir, new_name: bytes,
+                public: dict[int, bool], exchange: bool) -> None:
+        """Names moved by rename; the kernel moves their dentries, timeouts and all.
+
+        public: for old.node and new.node, whether that directory is searchable
+        by all now. A cached name that lands where not everyone may search must
+        not stay cached."""
+        moves = [(old, old_name, new, new_name)]
+        if exchange:
+            moves.append((new, new_name, old, old_name))
+        cached = [src_name in src.cached_names for src, src_name, _d, _n in moves]
+        for src, src_name, dst, dst_name in moves:
+            src.cached_names.discard(src_name)
+            dst.cached_names.discard(dst_name)
+        stranded = []
+        for was_cached, (_s, _sn, dst, dst_name) in zip(cached, moves, strict=True):
+            if was_cached and public[dst.node]:
+                dst.cached_names.add(dst_name)
+            elif was_cached:
+                stranded.append((dst, dst_name))
+        if stranded and not self.notifier.drop_all_entries():
+            # The kernel moves the dentries after our reply: without epochs they
             # can only be dropped afterwards.
-            pyfuse3.invalidate_entry_async(parent.node, name, ignore_enoent=True)
+            for dst, dst_name in stranded:
+                pyfuse3.invalidate_entry_async(dst.node, dst_name, ignore_enoent=True)
 
     def _drop_all(self, directory: CachedDir) -> None:
         for name in directory.cached_names:

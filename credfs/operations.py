@@ -309,13 +309,15 @@ class Operations(pyfuse3.Operations):
         new = self.table.get(parent_inode_new)
         creds = self._who(ctx)
         await self._run(creds, backing.rename, old.fd, name_old, new.fd, name_new, flags)
-        self.names.removed(old, name_old)
-        _st, public = await self._run(creds, backing.stat_dir, new.fd)
-        self.names.moved_in(new, name_new, public or self.identity.kernel_checks_permissions)
-        if flags & pyfuse3.RENAME_EXCHANGE:
-            # The other name moved the other way.
-            _st, public = await self._run(creds, backing.stat_dir, old.fd)
-            self.names.moved_in(old, name_old, public or self.identity.kernel_checks_permissions)
+        exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
+        public = {old.node: True, new.node: True}
+        if not self.identity.kernel_checks_permissions and (
+                name_old in old.cached_names or (exchange and name_new in new.cached_names)):
+            # Only a name the kernel holds with a positive timeout needs a look
+            # at where it landed.
+            for d in (old, new):
+                public[d.node] = (await self._run(creds, backing.stat_dir, d.fd))[1]
+        self.names.renamed(old, name_old, new, name_new, public, exchange)
 
     # -- files ----------------------------------------------------------------
 
