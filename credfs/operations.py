@@ -14,6 +14,7 @@ import functools
 import inspect
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ def _is_touch(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> b
 # Read-only xattr on the mount root: the credential mode and, in mounter mode,
 # the credentials recorded at mount time. Not listed, so copies don't take it.
 CREDS_XATTR = b"user.credfs.creds"
+
+_DOTS = 2  # "." and ".." lead every listing
 
 _ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
 
@@ -398,8 +401,14 @@ class Operations(pyfuse3.Operations):
         if start_id == 0 or h.entries is None:
             # A snapshot per pass: offsets stay stable while the directory changes.
             h.entries = await self._run(h.creds, backing.list_dir, h.fd)
+        # Offsets 0 and 1 are "." and "..": the kernel takes no reference for
+        # them, so they get no node of their own (d_ino is the directory's).
+        for pos in range(start_id, _DOTS):
+            if not pyfuse3.readdir_reply(token, (b".", b"..")[pos], self._dot_attrs(h.node),
+                                         pos + 1):
+                return
         entries = h.entries
-        pos = start_id
+        pos = max(start_id, _DOTS) - _DOTS
         batch = 32
         while pos < len(entries):
             chunk = entries[pos:pos + batch]
@@ -412,7 +421,7 @@ class Operations(pyfuse3.Operations):
                     attrs = self._placeholder_attrs(entry.type_bits)
                 else:
                     attrs = self._enter(parent, entry.name, item, epoch)
-                if not pyfuse3.readdir_reply(token, entry.name, attrs, pos + i + 1):
+                if not pyfuse3.readdir_reply(token, entry.name, attrs, _DOTS + pos + i + 1):
                     # The kernel's buffer is full: this entry was not sent.
                     self.table.forget(attrs.st_ino, 1)
                     for rest in found[i + 1:]:
@@ -420,6 +429,15 @@ class Operations(pyfuse3.Operations):
                             os.close(rest.fd)
                     return
             pos += len(chunk)
+
+    @staticmethod
+    def _dot_attrs(node: int) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node
+        a.st_mode = stat.S_IFDIR
+        a.entry_timeout = 0
+        a.attr_timeout = 0
+        return a
 
     def _placeholder_attrs(self, type_bits: int) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
