@@ -342,3 +342,28 @@ def drop_caps(caps: list[int]) -> str:
         raise OSError(err, os.strerror(err))
     with open("/proc/self/status") as f:
         return next(line.split()[1] for line in f if line.startswith("CapEff:"))
+
+
+def getdents_names(path: str) -> list[str]:
+    """Every name getdents64(2) returns, "." and ".." included, sorted."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    nr_getdents64 = {"x86_64": 217, "aarch64": 61}[os.uname().machine]
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    names: list[str] = []
+    try:
+        buf = ctypes.create_string_buffer(32768)
+        while True:
+            n = libc.syscall(nr_getdents64, fd, buf, len(buf))
+            if n < 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+            if n == 0:
+                return sorted(names)
+            off = 0
+            while off < n:
+                reclen = int.from_bytes(buf.raw[off + 16:off + 18], "little")
+                raw = buf.raw[off + 19:off + reclen]
+                names.append(raw[:raw.index(b"\0")].decode("utf-8", "surrogateescape"))
+                off += reclen
+    finally:
+        os.close(fd)
