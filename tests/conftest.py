@@ -93,16 +93,17 @@ MountFactory = Callable[..., CredfsMount]
 
 @pytest.fixture
 def mount_credfs(workdir: Path, backing: Path, mnt: Path) -> Iterator[MountFactory]:
-    """mount_credfs(*args, source=backing, mountpoint=mnt) -> started CredfsMount.
+    """mount_credfs(*args, source=backing, mountpoint=mnt, kind=CredfsMount) -> started mount.
 
     Every mount started through it is stopped (and unmounted) at teardown.
     """
     started: list[CredfsMount] = []
 
     def factory(*args: str, source: str | os.PathLike[str] | None = None,
-                mountpoint: str | os.PathLike[str] | None = None) -> CredfsMount:
-        m = CredfsMount(source or backing, mountpoint or mnt, *args,
-                        log_path=workdir / f"credfs-{len(started)}.log")
+                mountpoint: str | os.PathLike[str] | None = None,
+                kind: type[CredfsMount] = CredfsMount) -> CredfsMount:
+        m = kind(source or backing, mountpoint or mnt, *args,
+                 log_path=workdir / f"credfs-{len(started)}.log")
         started.append(m)
         return m.start()
 

@@ -27,7 +27,7 @@ import resource
 import stat
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -340,20 +340,8 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.fixture
-def pidns_mount(workdir: Path, backing: Path, mnt: Path) -> Iterator[Callable[..., CredfsMount]]:
-    started: list[CredfsMount] = []
-
-    def factory(*args: str) -> CredfsMount:
-        m = PidnsCredfsMount(backing, mnt, *args,
-                             log_path=workdir / f"credfs-pidns-{len(started)}.log")
-        started.append(m)
-        return m.start()
-
-    try:
-        yield factory
-    finally:
-        for m in reversed(started):
-            m.stop()
+def pidns_mount(mount_credfs: Callable[..., CredfsMount]) -> Callable[..., CredfsMount]:
+    return lambda *args: mount_credfs(*args, kind=PidnsCredfsMount)
 
 
 def groups_tree(backing: Path) -> None:
