@@ -88,6 +88,16 @@ def mnt(workdir: Path) -> Path:
     return p
 
 
+@pytest.fixture
+def native(workdir: Path) -> Path:
+    """The native twin of `backing` (workdir/native, root 0755): the same tree is
+    built in both and the kernel's answers on it are the oracle; never mounted over."""
+    p = workdir / "native"
+    p.mkdir()
+    p.chmod(0o755)
+    return p
+
+
 MountFactory = Callable[..., CredfsMount]
 
 

@@ -57,15 +57,6 @@ def cache_mode(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture
-def native(workdir: Path) -> Path:
-    """The native copy: same tree, same owners and modes, never mounted over."""
-    p = workdir / "native"
-    p.mkdir()
-    p.chmod(0o755)
-    return p
-
-
 # -- trees ----------------------------------------------------------------------
 
 

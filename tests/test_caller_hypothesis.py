@@ -408,13 +408,6 @@ def user_agents(users: dict[str, Identity], make_agent: Callable[..., UserAgent]
     return made
 
 
-@pytest.fixture
-def native(workdir: Path) -> Path:
-    p = workdir / "native"
-    p.mkdir()
-    return p
-
-
 HYPOTHESIS_SETTINGS: dict[str, Any] = {
     "deadline": None,
     "derandomize": True,  # same examples on every run: CI stays stable

@@ -20,11 +20,8 @@ def _fill(d: Path, count: int) -> None:
     (d / "sub").mkdir()
 
 
-def test_listing_matches_native(workdir: Path, backing: Path, mount_credfs,
+def test_listing_matches_native(native: Path, backing: Path, mount_credfs,
                                 agents: dict[str, UserAgent]) -> None:
-    native = workdir / "native"
-    native.mkdir()
-    native.chmod(0o755)
     for root in (native, backing):
         _fill(root / "big", 3000)
         _fill(root / "small", 2)
