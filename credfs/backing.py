@@ -153,6 +153,15 @@ def rmdir(dir_fd: int, name: bytes) -> None:
     os.rmdir(name, dir_fd=dir_fd)
 
 
+def key_at(dir_fd: int, name: bytes) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of name in the directory, None when it is not there."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def rename(old_dir_fd: int, old: bytes, new_dir_fd: int, new: bytes, flags: int) -> None:
     check_name(old)
     check_name(new)

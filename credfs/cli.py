@@ -1,4 +1,4 @@
-"""Command line: `credfs mount` and `credfs umount`."""
+"""Command line: `credfs mount`, `credfs umount`, `credfs check`, `credfs explain`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 
 from .cache import CacheMode
 from .options import MountOptions, OptionError, parse_o, validate
+from .policy import OPS, PolicyError, load_policy
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,11 +24,14 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("mount", help="mount SOURCE at MOUNTPOINT")
     m.add_argument("source")
     m.add_argument("mountpoint")
-    m.add_argument("--creds", choices=("caller", "mounter"), default="caller",
+    m.add_argument("--creds", choices=("caller", "mounter"), default=None,
                    help="whose credentials backing operations run with (default: caller)")
     m.add_argument("--mounter", metavar="USER[:GROUP]",
-                   help="with --creds mounter: record this identity instead of the invoker's "
-                        "(root only)")
+                   help="with --creds mounter or --policy: record this identity instead of "
+                        "the invoker's (root only)")
+    m.add_argument("--policy", metavar="FILE",
+                   help="decide access and credentials per request by this policy "
+                        "(see policies/); SIGHUP reloads it")
     m.add_argument("-o", dest="o", action="append", default=[], metavar="OPT[,OPT...]",
                    help="mount options: ro, rw, allow_other, noallow_other, "
                         "default_permissions, suid, dev, exec, noexec, noatime, fsname=, "
@@ -45,18 +49,45 @@ def _parser() -> argparse.ArgumentParser:
                                       "nowhere when daemonized)")
     u = sub.add_parser("umount", help="unmount a credfs mount (ends its daemon)")
     u.add_argument("mountpoint")
+    c = sub.add_parser("check", help="validate a policy file")
+    c.add_argument("policy_file")
+    e = sub.add_parser("explain", help="show the policy's decision for one request")
+    e.add_argument("--policy", required=True, metavar="FILE")
+    e.add_argument("--uid", required=True, type=_id_arg)
+    e.add_argument("--gid", type=_id_arg, help="primary group (default: the user's, or UID)")
+    e.add_argument("--groups", type=_ids_arg, metavar="G1,G2",
+                   help="supplementary groups (default: the group database's, or GID)")
+    e.add_argument("--mounter", metavar="USER[:GROUP]",
+                   help="the identity the mount would record (default: the invoker)")
+    e.add_argument("--op", required=True, choices=OPS)
+    e.add_argument("path", help="path relative to the mount root")
     return p
 
 
+def _id_arg(text: str) -> int:
+    if not text.isdigit() or int(text) > 2**32 - 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a numeric id")
+    return int(text)
+
+
+def _ids_arg(text: str) -> tuple[int, ...]:
+    return tuple(_id_arg(t.strip()) for t in text.split(",") if t.strip())
+
+
 def _options(args: argparse.Namespace) -> MountOptions:
+    if args.policy is not None and args.creds is not None:
+        raise OptionError(f"--creds {args.creds}: with --policy the policy's rules say whose "
+                          "credentials act")
     opts = MountOptions(
-        source=args.source, mountpoint=args.mountpoint, creds=args.creds,
+        source=args.source, mountpoint=args.mountpoint, creds=args.creds or "caller",
         mounter=args.mounter, cache=CacheMode(args.cache), workers=args.workers,
         missing_groups=args.missing_groups, foreground=args.foreground,
-        log_level=args.log_level, log_file=args.log_file)
+        log_level=args.log_level, log_file=args.log_file, policy=args.policy)
     for spec in args.o:
         parse_o(opts, spec)
     validate(opts)
+    if opts.policy is not None:
+        load_policy(opts.policy)  # refuse a bad policy before mounting anything
     return opts
 
 
@@ -79,6 +110,10 @@ def _mount(args: argparse.Namespace) -> int:
         opts = _options(args)
     except OptionError as exc:
         sys.stderr.write(f"credfs: {exc}\n")
+        return 2
+    except PolicyError as exc:
+        sys.stderr.write(f"credfs: refusing to mount with an invalid policy {args.policy}:\n")
+        sys.stderr.write("".join(f"  {p}\n" for p in exc.problems))
         return 2
     if opts.foreground:
         _setup_logging(opts)
@@ -168,4 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "mount":
         return _mount(args)
+    if args.command == "check":
+        from .policy.report import check
+        return check(args.policy_file, sys.stdout)
+    if args.command == "explain":
+        from .policy.report import explain
+        return explain(args, sys.stdout)
     return _umount(args)

@@ -40,6 +40,10 @@ class Inode:
     cached_names: set[bytes] = field(default_factory=set)
     # Bumped by every change through the mount that may reduce who can search it.
     search_epoch: int = 0
+    # Where the kernel last reached it through the mount (policies match paths);
+    # a file with several links is known by the name it was last looked up by.
+    parent: Inode | None = None
+    name: bytes = b""
 
     @property
     def is_dir(self) -> bool:
@@ -87,8 +91,10 @@ class InodeTable:
         self._by_key[inode.key] = inode
         return inode
 
-    def remember(self, fd: int, st: os.stat_result) -> Inode:
-        """Count one more kernel reference to the inode fd refers to.
+    def remember(self, fd: int, st: os.stat_result, parent: Inode | None = None,
+                 name: bytes = b"") -> Inode:
+        """Count one more kernel reference to the inode fd refers to, reached as
+        name in parent.
 
         Takes ownership of fd: it is kept for a new inode, closed when the inode
         is already known (the known descriptor pins the same backing inode).
@@ -102,7 +108,29 @@ class InodeTable:
             self._by_node[inode.node] = inode
             self._by_key[key] = inode
         inode.lookups += 1
+        if parent is not None:
+            inode.parent, inode.name = parent, name
         return inode
+
+    def moved(self, key: tuple[int, int], parent: Inode, name: bytes) -> None:
+        """A rename through the mount put the inode with this backing key at name."""
+        inode = self._by_key.get(key)
+        if inode is not None:
+            inode.parent, inode.name = parent, name
+
+    @staticmethod
+    def path(inode: Inode, name: bytes | None = None) -> str:
+        """The path through the mount ("" for the root), with name appended."""
+        parts = [] if name is None else [name]
+        node = inode
+        while node.parent is not None:
+            parts.append(node.name)
+            node = node.parent
+        if node.node != pyfuse3.ROOT_INODE:
+            # Not reached from the root (cannot happen for a node the kernel got
+            # from us): no path, so no rule can be trusted to apply.
+            raise pyfuse3.FUSEError(errno.EACCES)
+        return b"/".join(reversed(parts)).decode("utf-8", "surrogateescape")
 
     def _node_id(self, st: os.stat_result) -> int:
         if st.st_dev == self.root_dev and st.st_ino not in self._by_node \

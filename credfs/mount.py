@@ -1,7 +1,8 @@
 """The daemon: set up, mount, serve under one trio nursery, unmount.
 
 The trio nursery owns everything that runs: the pyfuse3 request loop, the
-signal watcher, and (through start/stop around it) the worker threads.
+signal watchers (stop; SIGHUP reloads the policy), and (through start/stop
+around it) the worker threads.
 """
 
 from __future__ import annotations
@@ -19,18 +20,20 @@ from . import kernelmount, notify, privileges, syscalls
 from .cache import CachePolicy
 from .caller import CallerResolver
 from .creds import Credentials
+from .gate import PolicyGate
 from .identity import CallerIdentity, IdentitySource, MounterIdentity, parse_mounter
 from .inodes import InodeTable
 from .notify import KernelNotifier
 from .operations import Operations
 from .options import MountOptions
+from .policy import load_policy
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
 Ready = Callable[[str | None], None]
 
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def raise_fd_limit() -> int:
@@ -61,14 +64,26 @@ def privilege_mode(opts: MountOptions, mounter: Credentials | None) -> str:
     return "mounter" if mounter.caps else "mounter-unprivileged"
 
 
-def build_identity(opts: MountOptions, mounter: Credentials | None) -> IdentitySource:
-    """After privileges.restrict(): nobody is given more than the daemon kept."""
+def build_identity(opts: MountOptions, mounter: Credentials | None
+                   ) -> tuple[IdentitySource, PolicyGate | None]:
+    """After privileges.restrict(): nobody is given more than the daemon kept.
+
+    With a policy, the mount as a whole behaves as caller mode (the kernel
+    checks nothing, nothing is cached that a rule decides per caller) and the
+    gate picks the credentials per request."""
     permitted = syscalls.capget_thread()[1]
     resolver = CallerResolver(permitted, opts.missing_groups)
+    if mounter is not None:
+        mounter = Credentials(mounter.uid, mounter.gid, mounter.groups,
+                              mounter.caps & permitted)
+    if opts.policy is not None:
+        assert mounter is not None
+        caller = CallerIdentity(resolver)
+        gate = PolicyGate(load_policy(opts.policy), caller, MounterIdentity(mounter, resolver))
+        return caller, gate
     if mounter is None:
-        return CallerIdentity(resolver)
-    return MounterIdentity(Credentials(mounter.uid, mounter.gid, mounter.groups,
-                                       mounter.caps & permitted), resolver)
+        return CallerIdentity(resolver), None
+    return MounterIdentity(mounter, resolver), None
 
 
 def serve(opts: MountOptions, ready: Ready) -> int:
@@ -79,13 +94,15 @@ def serve(opts: MountOptions, ready: Ready) -> int:
     early: list[int] = []
     for signum in _STOP_SIGNALS:
         signal.signal(signum, lambda s, _f: early.append(s))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload before serving: nothing to do
     fd_limit = raise_fd_limit()
     os.umask(0)  # the caller's umask is applied per request, never the daemon's
-    mounter = record_mounter(opts) if opts.creds == "mounter" else None
+    mounter = record_mounter(opts) if opts.creds == "mounter" or opts.policy else None
     root_fd = os.open(opts.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     is_root = os.geteuid() == 0
-    kept = privileges.restrict(privilege_mode(opts, mounter))
-    identity = build_identity(opts, mounter)
+    # A policy's rules may act as any caller: it keeps what caller mode keeps.
+    kept = privileges.restrict(privilege_mode(opts, None if opts.policy else mounter))
+    identity, gate = build_identity(opts, mounter)
     table = InodeTable(root_fd)
     pool = WorkerPool(opts.workers)
     cache = CachePolicy.for_mode(opts.cache)
@@ -94,10 +111,10 @@ def serve(opts: MountOptions, ready: Ready) -> int:
         opts.default_permissions = True
     notifier = KernelNotifier(None)
     ops = Operations(table, pool, identity, cache, kernel_applies_umask=not is_root,
-                     notifier=notifier)
+                     notifier=notifier, gate=gate)
 
     summary = (f"credfs: serving {os.path.abspath(opts.source)} at "
-               f"{os.path.abspath(opts.mountpoint)}; {identity.describe()}; cache "
+               f"{os.path.abspath(opts.mountpoint)}; {ops.describe()}; cache "
                f"{cache.mode.value} (timeout {cache.timeout:g}s); {opts.workers} workers; "
                f"up to ~{max(fd_limit - 64, 0)} inodes (RLIMIT_NOFILE {fd_limit}); "
                f"capabilities kept: {', '.join(kept) or 'none'}")
@@ -131,6 +148,7 @@ async def _main(ops: Operations, pool: WorkerPool, opts: MountOptions, via_fuser
                 ready: Ready, summary: str, early_signals: list[int]) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(_stop_on_signal, opts.mountpoint, via_fusermount, early_signals)
+        await nursery.start(_reload_on_sighup, ops.gate)
         await _serve(ops, pool, opts, ready, summary)
         nursery.cancel_scope.cancel()
 
@@ -144,6 +162,22 @@ async def _serve(ops: Operations, pool: WorkerPool, opts: MountOptions, ready: R
         log.info("unmounted, exiting")
     finally:
         pool.stop()
+
+
+async def _reload_on_sighup(gate: PolicyGate | None,
+                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                            ) -> None:
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        task_status.started()
+        async for _ in signals:
+            if gate is None:
+                log.info("SIGHUP: no policy to reload")
+                continue
+            # Read and validated off the event loop; swapped in on it, so each
+            # request sees one policy, old or new, never a mix.
+            new = await trio.to_thread.run_sync(gate.load_new)
+            if new is not None:
+                gate.install(new)
 
 
 async def _stop_on_signal(mountpoint: str, via_fusermount: bool, early_signals: list[int],

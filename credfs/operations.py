@@ -1,9 +1,10 @@
 """pyfuse3 handlers: a translation layer and nothing more.
 
-Each handler asks who is asking (the identity source), hands one backing
-function to the worker pool with those credentials, and turns the outcome
-into a reply or a FUSEError. No permission logic lives here; the backing
-filesystem decides, as the identity the worker holds.
+Each handler asks who is asking and what the policy says (the gate: the
+credential mode alone when there is no policy), hands one backing function to
+the worker pool with the resulting credentials, and turns the outcome into a
+reply or a FUSEError. No permission logic lives here; the backing filesystem
+decides, as the identity the worker holds.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pyfuse3 import FUSEError
 from . import backing, caller, syscalls
 from .cache import CachePolicy, NameCache
 from .creds import CAP_DAC_READ_SEARCH, CredentialError, Credentials, cap_bit
+from .filters import FILTERS, FileView
+from .gate import Act, PolicyGate, refuse_unknown_caller
 from .identity import IdentitySource
 from .inodes import Inode, InodeTable
 from .notify import KernelNotifier
@@ -79,6 +82,8 @@ class Handle:
     kill_privs: bool = False  # writes must clear setuid/setgid (see IdentitySource)
     entries: list[backing.DirEntry] | None = None
     node: int = 0
+    views: tuple[FileView, ...] = ()  # data filters decided at open
+    hidden: Callable[[bytes], bool] | None = None  # readdir: names the opener may not see
 
 
 class Operations(pyfuse3.Operations):
@@ -88,7 +93,7 @@ class Operations(pyfuse3.Operations):
 
     def __init__(self, table: InodeTable, pool: WorkerPool, identity: IdentitySource,
                  cache: CachePolicy, kernel_applies_umask: bool,
-                 notifier: KernelNotifier) -> None:
+                 notifier: KernelNotifier, gate: PolicyGate | None = None) -> None:
         super().__init__()
         self.table = table
         self.pool = pool
@@ -97,17 +102,32 @@ class Operations(pyfuse3.Operations):
         self.names = NameCache(cache, notifier)
         self.kernel_applies_umask = kernel_applies_umask
         self.enable_acl = identity.kernel_checks_permissions
+        self.gate = gate
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
 
     # -- plumbing -------------------------------------------------------------
 
-    def _who(self, ctx: pyfuse3.RequestContext) -> Credentials:
+    def _act(self, ctx: pyfuse3.RequestContext, op: str, node: Inode,
+             name: bytes | None = None) -> Act:
+        """Who does op on node (or on name in it) for ctx's caller; FUSEError
+        when the policy refuses it or the caller cannot be identified."""
+        if self.gate is not None:
+            return self.gate.act(ctx, op, self.table.path(node, name))
         try:
-            return self.identity.backing_creds(ctx)
+            return Act(self.identity.backing_creds(ctx), self.identity)
         except CredentialError as exc:
-            log.warning("refusing request from uid %d tid %d: %s", ctx.uid, ctx.pid, exc)
-            raise FUSEError(errno.EACCES) from None
+            raise refuse_unknown_caller(ctx, exc) from None
+
+    def _act_all(self, ctx: pyfuse3.RequestContext, ops: Sequence[str], node: Inode) -> Act:
+        """One request that is several operations: each must be allowed; the
+        first one's credentials act."""
+        acts = [self._act(ctx, op, node) for op in ops]  # each raises when refused
+        return acts[0]
+
+    def _shared(self, node: Inode, name: bytes) -> bool:
+        """Would every caller get the same policy decision looking up name?"""
+        return self.gate is None or self.gate.policy.lookup_uniform(self.table.path(node, name))
 
     async def _run(self, creds: Credentials, fn: Callable[..., T], *args: Any,
                    umask: int = 0) -> T:
@@ -117,6 +137,13 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(exc.errno or errno.EIO) from None
         except CredentialError:
             raise FUSEError(errno.EACCES) from None
+
+    def describe(self) -> str:
+        if self.gate is None:
+            return self.identity.describe()
+        p = self.gate.policy
+        return f"policy {p.source} ({len(p.rules)} rules); rules acting as the " \
+               f"{self.gate.mounter.describe()}"
 
     def _umask(self, ctx: pyfuse3.RequestContext) -> int:
         # When the kernel already applied the caller's umask to the mode, ours is 0;
@@ -162,12 +189,19 @@ class Operations(pyfuse3.Operations):
 
         epoch: the parent's search_epoch before the request started.
         """
-        inode = self.table.remember(found.fd, found.st)
+        inode = self.table.remember(found.fd, found.st, parent, name)
         # With default_permissions the kernel checks search permission itself on
-        # every step of a walk, cached or not: any name may be cached.
-        public = found.parent_public or self.identity.kernel_checks_permissions
+        # every step of a walk, cached or not: any name may be cached. A policy
+        # that decides this name per caller forbids caching it: walks through
+        # cached names never reach the policy.
+        public = (found.parent_public or self.identity.kernel_checks_permissions) \
+            and self._shared(parent, name)
         timeout = self.names.entry_timeout(parent, name, public, epoch)
         return self._attrs(inode, found.st, timeout)
+
+    def _creator(self, ctx: pyfuse3.RequestContext, parent: Inode, name: bytes) -> Credentials:
+        act = self._act(ctx, "create", parent, name)
+        return act.source.creator_creds(ctx, act.creds, parent)
 
     async def _stat_dir_after_change(self, node: Inode, creds: Credentials) -> None:
         """After a change through the mount to a directory's mode, owner or ACL."""
@@ -179,9 +213,9 @@ class Operations(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                      ) -> pyfuse3.EntryAttributes:
         parent = self.table.get(parent_inode)
-        creds = self._who(ctx)
+        act = self._act(ctx, "lookup", parent, name)
         epoch = parent.search_epoch
-        found = await self._run(creds, backing.open_path, parent.fd, name)
+        found = await self._run(act.creds, backing.open_path, parent.fd, name)
         return self._enter(parent, name, found, epoch)
 
     def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -191,11 +225,12 @@ class Operations(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext
                       ) -> pyfuse3.EntryAttributes:
         node = self.table.get(inode)
+        creds = self._act(ctx, "lookup", node).creds
         if node.is_dir:
-            st, public = await self._run(self._who(ctx), backing.stat_dir, node.fd)
+            st, public = await self._run(creds, backing.stat_dir, node.fd)
             self.names.observed(node, public)
         else:
-            st = await self._run(self._who(ctx), backing.getattr_, node.fd)
+            st = await self._run(creds, backing.getattr_, node.fd)
         return self._attrs(node, st)
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
@@ -211,9 +246,14 @@ class Operations(pyfuse3.Operations):
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
         change.touch = _is_touch(attr, fields)
+        ops = ["write"] if change.size is not None else []
+        if fields.update_mode or fields.update_uid or fields.update_gid \
+                or fields.update_atime or fields.update_mtime:
+            ops.append("setattr")
+        act = self._act_all(ctx, ops or ["setattr"], node)
         if change.size is not None:
-            change.kill_privs = self.identity.kills_privileges(ctx)
-        creds = self._who(ctx)
+            change.kill_privs = act.source.kills_privileges(ctx)
+        creds = act.creds
         fd = None if fh is None else self._handle(fh).fd
         try:
             st = await self._run(creds, backing.setattr_, node.fd, fd, change)
@@ -258,12 +298,12 @@ class Operations(pyfuse3.Operations):
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         node = self.table.get(inode)
-        return await self._run(self._who(ctx), backing.readlink, node.fd)
+        return await self._run(self._act(ctx, "lookup", node).creds, backing.readlink, node.fd)
 
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.table.get(parent_inode)
-        creds = self.identity.creator_creds(ctx, self._who(ctx), parent)
+        creds = self._creator(ctx, parent, name)
         epoch = parent.search_epoch
         found = await self._run(creds, backing.mknod, parent.fd, name, mode, rdev,
                                 umask=self._umask(ctx))
@@ -272,7 +312,7 @@ class Operations(pyfuse3.Operations):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.table.get(parent_inode)
-        creds = self.identity.creator_creds(ctx, self._who(ctx), parent)
+        creds = self._creator(ctx, parent, name)
         epoch = parent.search_epoch
         found = await self._run(creds, backing.mkdir, parent.fd, name, mode,
                                 umask=self._umask(ctx))
@@ -281,7 +321,7 @@ class Operations(pyfuse3.Operations):
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.table.get(parent_inode)
-        creds = self.identity.creator_creds(ctx, self._who(ctx), parent)
+        creds = self._creator(ctx, parent, name)
         epoch = parent.search_epoch
         found = await self._run(creds, backing.symlink, parent.fd, name, target)
         return self._enter(parent, name, found, epoch)
@@ -291,28 +331,38 @@ class Operations(pyfuse3.Operations):
         node = self.table.get(inode)
         parent = self.table.get(new_parent_inode)
         epoch = parent.search_epoch
-        found = await self._run(self._who(ctx), backing.link, node.fd, parent.fd, new_name)
+        creds = self._act(ctx, "create", parent, new_name).creds
+        found = await self._run(creds, backing.link, node.fd, parent.fd, new_name)
         return self._enter(parent, new_name, found, epoch)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                      ) -> None:
         parent = self.table.get(parent_inode)
-        await self._run(self._who(ctx), backing.unlink, parent.fd, name)
+        await self._run(self._act(ctx, "delete", parent, name).creds, backing.unlink,
+                        parent.fd, name)
         self.names.removed(parent, name)
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                     ) -> None:
         parent = self.table.get(parent_inode)
-        await self._run(self._who(ctx), backing.rmdir, parent.fd, name)
+        await self._run(self._act(ctx, "delete", parent, name).creds, backing.rmdir,
+                        parent.fd, name)
         self.names.removed(parent, name)
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
         old = self.table.get(parent_inode_old)
         new = self.table.get(parent_inode_new)
-        creds = self._who(ctx)
+        creds = self._act(ctx, "rename", old, name_old).creds
+        self._act(ctx, "rename", new, name_new)
         await self._run(creds, backing.rename, old.fd, name_old, new.fd, name_new, flags)
         exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
+        if self.gate is not None:
+            # Policies match paths: what moved is now known by its new name.
+            for d, n in ((new, name_new), (old, name_old))[:2 if exchange else 1]:
+                key = await self._run(creds, backing.key_at, d.fd, n)
+                if key is not None:
+                    self.table.moved(key, d, n)
         public = {old.node: True, new.node: True}
         if not self.identity.kernel_checks_permissions and (
                 name_old in old.cached_names or (exchange and name_new in new.cached_names)):
@@ -327,8 +377,8 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
                    ) -> pyfuse3.FileInfo:
         node = self.table.get(inode)
-        creds = self._who(ctx)
-        opener = creds
+        act = self._act_all(ctx, _open_ops(flags), node)
+        creds = opener = act.creds
         if flags & backing.FMODE_EXEC and not self.identity.kernel_checks_permissions:
             # execve needs x, not r: check x as the caller, then open for the
             # kernel to read the image as the kernel itself would (the file is
@@ -336,37 +386,46 @@ class Operations(pyfuse3.Operations):
             await self._run(creds, backing.access, node.fd, os.X_OK)
             opener = dataclasses.replace(creds, caps=creds.caps | cap_bit(CAP_DAC_READ_SEARCH))
         fd = await self._run(opener, backing.open_, node.fd, flags)
-        if flags & os.O_TRUNC and self.identity.kills_privileges(ctx):
+        if flags & os.O_TRUNC and act.source.kills_privileges(ctx):
             # FUSE's atomic O_TRUNC skips the kernel's own suid/sgid kill, and
             # the mounter truncating for the caller may hold CAP_FSETID.
             await self._run(creds, backing.kill_privileges, fd)
         handle = Handle(fd, creds, node=inode)
         if flags & os.O_ACCMODE != os.O_RDONLY:
-            handle.kill_privs = self.identity.kills_privileges(ctx)
-        return self._file_info(self._new_handle(handle))
+            handle.kill_privs = act.source.kills_privileges(ctx)
+        if act.filters:
+            handle.views = await self._run(creds, _views, fd, act.filters)
+        return self._file_info(self._new_handle(handle), filtered=bool(handle.views))
 
-    def _file_info(self, fh: int) -> pyfuse3.FileInfo:
+    def _file_info(self, fh: int, filtered: bool = False) -> pyfuse3.FileInfo:
         fi = pyfuse3.FileInfo(fh=fh)
-        fi.keep_cache = self.cache.keep_page_cache
+        fi.keep_cache = self.cache.keep_page_cache and not filtered
+        # Filtered data must never enter the page cache the inode shares with
+        # every other opener, nor come out of it.
+        fi.direct_io = filtered
         return fi
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self.table.get(parent_inode)
-        creds = self._who(ctx)
-        maker = self.identity.creator_creds(ctx, creds, parent)
+        act = self._act(ctx, "create", parent, name)
+        creds = act.creds
+        maker = act.source.creator_creds(ctx, creds, parent)
         epoch = parent.search_epoch
         fd, found = await self._run(maker, backing.create, parent.fd, name, flags, mode,
                                     umask=self._umask(ctx))
         entry = self._enter(parent, name, found, epoch)
         handle = Handle(fd, creds, node=entry.st_ino,
-                        kill_privs=self.identity.kills_privileges(ctx))
+                        kill_privs=act.source.kills_privileges(ctx))
         return self._file_info(self._new_handle(handle)), entry
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._handle(fh)
-        return await self._run(h.creds, backing.read, h.fd, off, size)
+        data = await self._run(h.creds, backing.read, h.fd, off, size)
+        for view in h.views:
+            data = view.apply(off, data)
+        return data
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         # As the opener: the kernel clears setuid bits on write unless the
@@ -391,9 +450,13 @@ class Operations(pyfuse3.Operations):
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self.table.get(inode)
-        creds = self._who(ctx)
-        fd = await self._run(creds, backing.opendir, node.fd)
-        return self._new_handle(Handle(fd, creds, node=inode))
+        hidden = None
+        if self.gate is None:
+            act = self._act(ctx, "list", node)
+        else:
+            act, hidden = self.gate.act_listing(ctx, self.table.path(node))
+        fd = await self._run(act.creds, backing.opendir, node.fd)
+        return self._new_handle(Handle(fd, act.creds, node=inode, hidden=hidden))
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         h = self._handle(fh)
@@ -401,6 +464,8 @@ class Operations(pyfuse3.Operations):
         if start_id == 0 or h.entries is None:
             # A snapshot per pass: offsets stay stable while the directory changes.
             h.entries = await self._run(h.creds, backing.list_dir, h.fd)
+            if h.hidden is not None:
+                h.entries = [e for e in h.entries if not h.hidden(e.name)]
         # Offsets 0 and 1 are "." and "..": the kernel takes no reference for
         # them, so they get no node of their own (d_ino is the directory's).
         for pos in range(start_id, _DOTS):
@@ -461,7 +526,7 @@ class Operations(pyfuse3.Operations):
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         root = self.table.get(pyfuse3.ROOT_INODE)
-        sv = await self._run(self._who(ctx), backing.statfs, root.fd)
+        sv = await self._run(self._act(ctx, "lookup", root).creds, backing.statfs, root.fd)
         out = pyfuse3.StatvfsData()
         for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
                      "f_ffree", "f_favail", "f_namemax"):
@@ -472,40 +537,61 @@ class Operations(pyfuse3.Operations):
         # Refusals propagate with their own errno (EACCES, EROFS, ETXTBSY...),
         # exactly as faccessat() gave it.
         node = self.table.get(inode)
-        await self._run(self._who(ctx), backing.access, node.fd, mode)
+        ops = ["access"]
+        if mode & os.R_OK:
+            ops.append("list" if node.is_dir else "read")
+        if mode & os.W_OK:
+            ops.append("create" if node.is_dir else "write")
+        await self._run(self._act_all(ctx, ops, node).creds, backing.access, node.fd, mode)
         return True
 
     # -- extended attributes -------------------------------------------------
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if inode == pyfuse3.ROOT_INODE and name == CREDS_XATTR:
-            return self.identity.describe().encode()
+            return self.describe().encode()
         node = self.table.get(inode)
-        return await self._run(self._who(ctx), backing.getxattr, node.fd, name)
+        return await self._run(self._act(ctx, "xattr", node).creds, backing.getxattr,
+                               node.fd, name)
 
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
         if inode == pyfuse3.ROOT_INODE and name == CREDS_XATTR:
             raise FUSEError(errno.EPERM)  # read-only: recorded once, at mount
         node = self.table.get(inode)
-        creds = self._who(ctx)
+        creds = self._act(ctx, "xattr", node).creds
         await self._run(creds, backing.setxattr, node.fd, name, value)
         if name in _ACL_NAMES and node.is_dir:
             await self._stat_dir_after_change(node, creds)
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         node = self.table.get(inode)
-        return await self._run(self._who(ctx), backing.listxattr, node.fd)
+        return await self._run(self._act(ctx, "xattr", node).creds, backing.listxattr, node.fd)
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         if inode == pyfuse3.ROOT_INODE and name == CREDS_XATTR:
             raise FUSEError(errno.EPERM)
         node = self.table.get(inode)
-        creds = self._who(ctx)
+        creds = self._act(ctx, "xattr", node).creds
         await self._run(creds, backing.removexattr, node.fd, name)
         if name in _ACL_NAMES and node.is_dir:
             await self._stat_dir_after_change(node, creds)
 
+
+
+def _open_ops(flags: int) -> list[str]:
+    access = flags & os.O_ACCMODE
+    ops = [] if access == os.O_WRONLY else ["read"]
+    if access != os.O_RDONLY or flags & os.O_TRUNC:
+        ops.append("write")
+    return ops
+
+
+def _views(fd: int, names: tuple[str, ...]) -> tuple[FileView, ...]:
+    """The data filters' views of the file open on fd, as it is now (in a worker)."""
+    st = os.fstat(fd)
+    views = (FILTERS[name].view(fd, st) for name in names)
+    return tuple(v for v in views if v is not None)
 
 
 # Guard every request handler (not the plumbing above, which they call).

@@ -58,6 +58,7 @@ class MountOptions:
     fsname: str | None = None
     subtype: str = "credfs"
     raw_o: list[str] = field(default_factory=list)
+    policy: str | None = None  # path of the policy file
 
     @property
     def read_only(self) -> bool:
@@ -100,8 +101,11 @@ def validate(opts: MountOptions) -> None:
         raise OptionError(f"--workers {opts.workers}: must be between 1 and 1024")
     if opts.creds not in ("caller", "mounter"):
         raise OptionError(f"--creds {opts.creds}: must be caller or mounter")
-    if opts.mounter is not None and opts.creds != "mounter":
-        raise OptionError("--mounter only makes sense with --creds mounter")
+    if opts.mounter is not None and opts.creds != "mounter" and opts.policy is None:
+        raise OptionError("--mounter only makes sense with --creds mounter or --policy")
+    if opts.policy is not None and opts.default_permissions:
+        raise OptionError("-o default_permissions: with --policy the policy and the "
+                          "credentials its rules act with decide every permission")
     if opts.missing_groups not in ("deny", "nss"):
         raise OptionError(f"--missing-groups {opts.missing_groups}: must be deny or nss")
     if opts.creds == "caller" and opts.default_permissions:

@@ -1,0 +1,245 @@
+"""A loaded policy and the decision it makes for one request.
+
+Precedence: the first rule in file order whose path pattern, operations and
+identities all match the request decides it; placeholders in the pattern must
+equal the caller's values. When no rule matches, the policy's [defaults] do.
+A Policy is immutable: a reload builds a new one and swaps it in whole.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import pwd
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .apps import AppList
+from .patterns import PathPattern
+
+OPS = ("lookup", "list", "read", "write", "create", "delete", "rename", "setattr",
+       "xattr", "access")
+ERRNOS = {"EACCES": errno_mod.EACCES, "EPERM": errno_mod.EPERM, "ENOENT": errno_mod.ENOENT}
+
+# How a rule acts: "caller", "mounter", or a fixed (uid, gid).
+CredsSpec = str | tuple[int, int]
+
+_CACHE_LIMIT = 1 << 16
+
+
+def describe_creds(spec: CredsSpec) -> str:
+    return spec if isinstance(spec, str) else f"{spec[0]}:{spec[1]}"
+
+
+@dataclass(frozen=True, slots=True)
+class IdRange:
+    first: int
+    last: int
+
+    def __contains__(self, value: int) -> bool:
+        return self.first <= value <= self.last
+
+    def __str__(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+
+@dataclass(frozen=True)
+class IdentityDef:
+    """Who a name in `who` stands for: a caller matches when every given key holds."""
+    name: str
+    line: int
+    uids: tuple[IdRange, ...] | None = None
+    gids: tuple[IdRange, ...] | None = None  # primary or supplementary
+    apps: frozenset[str] | None = None  # packages; "*" = any listed app
+    permissions: frozenset[str] = frozenset()  # the caller's app holds all of these
+
+    def mismatch(self, caller: CallerFacts) -> str | None:
+        """None when the caller is this identity, else the first reason it is not."""
+        if self.uids is not None and not any(caller.uid in r for r in self.uids):
+            return f"uid {caller.uid} not in {', '.join(map(str, self.uids))}"
+        if self.gids is not None and not any(
+                g in r for r in self.gids for g in (caller.gid, *caller.groups)):
+            return f"no group in {', '.join(map(str, self.gids))}"
+        if self.apps is not None:
+            if not caller.packages:
+                return f"uid {caller.uid} is not an app in the app list"
+            if "*" not in self.apps and not caller.packages & self.apps:
+                return f"app {','.join(sorted(caller.packages))} not in " \
+                       f"{', '.join(sorted(self.apps))}"
+        missing = self.permissions - caller.permissions
+        if missing:
+            return f"lacks {', '.join(sorted(missing))}"
+        return None
+
+
+@dataclass(frozen=True)
+class Rule:
+    index: int  # 1-based, file order
+    line: int
+    name: str
+    pattern: PathPattern
+    ops: frozenset[str]
+    who: tuple[str, ...] | None  # identity names; None: anyone
+    allow: bool
+    errno: int  # for deny
+    creds: CredsSpec  # for allow
+    filters: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        return f"rule {self.index}" + (f" ({self.name})" if self.name else "") + \
+            f", line {self.line}"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allow: bool
+    errno: int
+    creds: CredsSpec
+    filters: tuple[str, ...]
+    rule: Rule | None  # None: the defaults decided
+
+    @property
+    def hides(self) -> bool:
+        return not self.allow and self.errno == errno_mod.ENOENT
+
+
+@dataclass(frozen=True)
+class CallerFacts:
+    """What the policy may ask about a caller, taken per request."""
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    packages: frozenset[str] = frozenset()
+    permissions: frozenset[str] = frozenset()
+
+    @property
+    def user(self) -> str | None:
+        try:
+            return pwd.getpwuid(self.uid).pw_name
+        except KeyError:
+            return None
+
+    def placeholder_mismatch(self, bindings: dict[str, str]) -> str | None:
+        for name, value in bindings.items():
+            if name == "uid" and value != str(self.uid):
+                return f"{{uid}}={value} is not the caller's uid {self.uid}"
+            if name == "user" and value != self.user:
+                return f"{{user}}={value} is not the caller's user name ({self.user})"
+            if name == "package" and value not in self.packages:
+                have = ",".join(sorted(self.packages)) or "no app"
+                return f"{{package}}={value} is not the caller's app ({have})"
+        return None
+
+
+@dataclass(frozen=True)
+class Defaults:
+    allow: bool = True
+    errno: int = errno_mod.EACCES
+    creds: CredsSpec = "caller"
+    filters: tuple[str, ...] = ()
+
+
+@dataclass
+class Policy:
+    source: str
+    rules: tuple[Rule, ...]
+    identities: dict[str, IdentityDef]
+    apps: AppList
+    defaults: Defaults
+    _by_first: dict[str, tuple[Rule, ...]] = field(default_factory=dict, repr=False)
+    _wild: tuple[Rule, ...] = ()
+    _decisions: dict[tuple[object, ...], Decision] = field(default_factory=dict, repr=False)
+    _uniform: dict[str, bool] = field(default_factory=dict, repr=False)
+    _facts: dict[tuple[int, int, tuple[int, ...]], CallerFacts] = field(
+        default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        # Rules indexed by a literal first segment; each list keeps file order
+        # with the rules whose first segment is a wildcard merged in.
+        self._wild = tuple(r for r in self.rules if r.pattern.first_literal is None)
+        firsts = {r.pattern.first_literal for r in self.rules} - {None}
+        self._by_first = {
+            f: tuple(r for r in self.rules if r.pattern.first_literal in (f, None))
+            for f in firsts if f is not None}
+        self._default = Decision(self.defaults.allow, self.defaults.errno,
+                                 self.defaults.creds, self.defaults.filters, None)
+
+    @property
+    def creds_used(self) -> set[CredsSpec]:
+        return {r.creds for r in self.rules if r.allow} | {self.defaults.creds}
+
+    def caller(self, uid: int, gid: int, groups: tuple[int, ...]) -> CallerFacts:
+        key = (uid, gid, groups)
+        facts = self._facts.get(key)
+        if facts is None:
+            packages, perms = self.apps.of_uid(uid)
+            facts = CallerFacts(uid, gid, groups, packages, perms)
+            if len(self._facts) >= _CACHE_LIMIT:
+                self._facts.clear()
+            self._facts[key] = facts
+        return facts
+
+    def _candidates(self, path: str) -> tuple[Rule, ...]:
+        return self._by_first.get(path.partition("/")[0], self._wild)
+
+    def _who_mismatch(self, rule: Rule, caller: CallerFacts) -> str | None:
+        if rule.who is None:
+            return None
+        reasons = []
+        for name in rule.who:
+            why = self.identities[name].mismatch(caller)
+            if why is None:
+                return None
+            reasons.append(f"not {name}: {why}")
+        return "; ".join(reasons)
+
+    def decide(self, op: str, path: str, caller: CallerFacts) -> Decision:
+        key = (op, path, caller)
+        decision = self._decisions.get(key)
+        if decision is None:
+            decision = next((d for d, _why in self.trace(op, path, caller) if d), self._default)
+            if len(self._decisions) >= _CACHE_LIMIT:
+                self._decisions.clear()
+            self._decisions[key] = decision
+        return decision
+
+    def trace(self, op: str, path: str, caller: CallerFacts
+              ) -> Iterator[tuple[Decision | None, tuple[Rule, str]]]:
+        """Each candidate rule in order with why it did or did not decide; a
+        Decision for the one that did (the iteration stops there)."""
+        for rule in self._candidates(path):
+            if op not in rule.ops:
+                yield None, (rule, f"does not cover {op}")
+                continue
+            bindings = rule.pattern.match(path)
+            if bindings is None:
+                yield None, (rule, f"path does not match {rule.pattern.text!r}")
+                continue
+            why = self._who_mismatch(rule, caller) or caller.placeholder_mismatch(bindings)
+            if why:
+                yield None, (rule, why)
+                continue
+            bound = ", ".join(f"{{{k}}}={v}" for k, v in bindings.items())
+            yield Decision(rule.allow, rule.errno, rule.creds, rule.filters, rule), \
+                (rule, "matches" + (f" ({bound})" if bound else ""))
+            return
+
+    def default_decision(self) -> Decision:
+        return self._default
+
+    def lookup_uniform(self, path: str) -> bool:
+        """Does looking up path get the same decision for every caller? Only
+        then may the kernel cache the name for all callers (its dentry cache
+        is shared, and walks through cached names do not ask us)."""
+        uniform = self._uniform.get(path)
+        if uniform is None:
+            uniform = True
+            for rule in self._candidates(path):
+                if "lookup" not in rule.ops or rule.pattern.match(path) is None:
+                    continue
+                uniform = rule.who is None and not rule.pattern.placeholders
+                break
+            if len(self._uniform) >= _CACHE_LIMIT:
+                self._uniform.clear()
+            self._uniform[path] = uniform
+        return uniform
