@@ -162,6 +162,46 @@ def key_at(dir_fd: int, name: bytes) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+# Which uid created a file, for policies that give creators rights others lack.
+# trusted.*: only CAP_SYS_ADMIN reads or writes it, so no one can forge it on
+# the backing store, and credfs refuses the name to callers through the mount.
+OWNER_XATTR = "trusted.credfs.owner"
+
+
+def read_owner(fd: int) -> int | None:
+    try:
+        value = os.getxattr(fd_path(fd), OWNER_XATTR)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+            return None
+        raise
+    return int(value) if value.isdigit() else None
+
+
+def record_owner(fd: int, uid: int) -> None:
+    os.setxattr(fd_path(fd), OWNER_XATTR, str(uid).encode())
+
+
+def probe(dir_fd: int, names: list[bytes]) -> list[tuple[bool, int | None] | None]:
+    """(is a directory, recorded owner) of each name, None where it is absent.
+
+    For a policy's object conditions: runs as the daemon's probe identity,
+    and what it finds is only ever used to decide, never shown."""
+    out: list[tuple[bool, int | None] | None] = []
+    for name in names:
+        check_name(name)
+        try:
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError:
+            out.append(None)
+            continue
+        try:
+            out.append((stat.S_ISDIR(os.fstat(fd).st_mode), read_owner(fd)))
+        finally:
+            os.close(fd)
+    return out
+
+
 def rename(old_dir_fd: int, old: bytes, new_dir_fd: int, new: bytes, flags: int) -> None:
     check_name(old)
     check_name(new)

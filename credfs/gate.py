@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyfuse3
@@ -19,7 +18,7 @@ from pyfuse3 import FUSEError
 
 from .creds import CredentialError, Credentials
 from .identity import CallerIdentity, IdentitySource, MounterIdentity
-from .policy import Decision, Policy, PolicyError, load_policy
+from .policy import CallerFacts, ObjectFacts, Policy, PolicyError, load_policy
 
 log = logging.getLogger(__name__)
 
@@ -95,42 +94,49 @@ class PolicyGate:
             fixed = self._fixed[spec] = FixedIdentity(*spec)
         return fixed
 
-    def decide(self, ctx: pyfuse3.RequestContext, op: str, path: str
-               ) -> tuple[Decision, Credentials]:
-        """The decision for this request and the caller's live credentials."""
+    def begin(self, ctx: pyfuse3.RequestContext) -> Request:
+        """The caller's live credentials and the policy in force, for one request."""
         try:
             caller = self.caller.backing_creds(ctx)
         except CredentialError as exc:
             raise refuse_unknown_caller(ctx, exc) from None
         policy = self.policy  # one policy per request, even across a reload
-        facts = policy.caller(caller.uid, caller.gid, caller.groups)
-        return policy.decide(op, path, facts), caller
+        return Request(self, ctx, policy, caller,
+                       policy.caller(caller.uid, caller.gid, caller.groups))
 
-    def act(self, ctx: pyfuse3.RequestContext, op: str, path: str) -> Act:
-        decision, caller = self.decide(ctx, op, path)
-        return self._act(ctx, decision, caller)
+    def act(self, ctx: pyfuse3.RequestContext, op: str, path: str,
+            obj: ObjectFacts | None = None) -> Act:
+        return self.begin(ctx).act(op, path, obj)
 
-    def _act(self, ctx: pyfuse3.RequestContext, decision: Decision, caller: Credentials
-             ) -> Act:
+
+class NeedsObject(Exception):
+    """The deciding rule asks about the file (type, owner): look, then decide."""
+
+    def __init__(self, request: Request, op: str, path: str) -> None:
+        super().__init__(op, path)
+        self.request, self.op, self.path = request, op, path
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    gate: PolicyGate
+    ctx: pyfuse3.RequestContext
+    policy: Policy
+    caller: Credentials
+    facts: CallerFacts
+
+    def act(self, op: str, path: str, obj: ObjectFacts | None = None) -> Act:
+        decision = self.policy.decide(op, path, self.facts, obj)
+        if decision.needs_object:
+            raise NeedsObject(self, op, path)
         if not decision.allow:
             raise FUSEError(decision.errno)
-        source = self.source_for(decision.creds)
-        creds = caller if source is self.caller else source.backing_creds(ctx)
+        source = self.gate.source_for(decision.creds)
+        creds = self.caller if source is self.gate.caller else source.backing_creds(self.ctx)
         return Act(creds, source, decision.filters)
 
-    def act_listing(self, ctx: pyfuse3.RequestContext, path: str
-                    ) -> tuple[Act, Callable[[bytes], bool]]:
-        """opendir: who lists the directory, and which of its names are hidden
-        from this caller (decided now, with the policy in force now: the open
-        directory keeps this decision, as an open file does)."""
-        decision, caller = self.decide(ctx, "list", path)
-        act = self._act(ctx, decision, caller)
-        policy = self.policy
-        facts = policy.caller(caller.uid, caller.gid, caller.groups)
-        prefix = f"{path}/" if path else ""
-
-        def hidden(name: bytes) -> bool:
-            child = prefix + name.decode("utf-8", "surrogateescape")
-            return policy.decide("lookup", child, facts).hides
-
-        return act, hidden
+    def hidden(self, path: str, obj: ObjectFacts | None = None) -> bool | None:
+        """Is path hidden from this caller (lookup refused with ENOENT)? None
+        when that depends on the file and obj was not given."""
+        decision = self.policy.decide("lookup", path, self.facts, obj)
+        return None if decision.needs_object else decision.hides

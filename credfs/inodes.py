@@ -44,6 +44,7 @@ class Inode:
     # a file with several links is known by the name it was last looked up by.
     parent: Inode | None = None
     name: bytes = b""
+    owner_uid: int | None = None  # the creator on record (policies that ask)
 
     @property
     def is_dir(self) -> bool:

@@ -26,12 +26,13 @@ from pyfuse3 import FUSEError
 
 from . import backing, caller, syscalls
 from .cache import CachePolicy, NameCache
-from .creds import CAP_DAC_READ_SEARCH, CredentialError, Credentials, cap_bit
+from .creds import CAP_DAC_READ_SEARCH, CAP_SYS_ADMIN, CredentialError, Credentials, cap_bit
 from .filters import FILTERS, FileView
-from .gate import Act, PolicyGate, refuse_unknown_caller
+from .gate import Act, NeedsObject, PolicyGate, refuse_unknown_caller
 from .identity import IdentitySource
 from .inodes import Inode, InodeTable
 from .notify import KernelNotifier
+from .policy import ObjectFacts
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,13 @@ CREDS_XATTR = b"user.credfs.creds"
 _DOTS = 2  # "." and ".." lead every listing
 
 _ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
+# Extended attributes credfs keeps for itself on the backing store.
+_RESERVED_XATTR_PREFIX = b"trusted.credfs."
+
+# Looks at files for a policy's type and owner conditions, and records owners:
+# trusted.* needs CAP_SYS_ADMIN; search on the way, CAP_DAC_READ_SEARCH. What
+# it sees only feeds decisions.
+_PROBE = Credentials(0, 0, (0,), cap_bit(CAP_SYS_ADMIN) | cap_bit(CAP_DAC_READ_SEARCH))
 
 
 def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -83,7 +91,9 @@ class Handle:
     entries: list[backing.DirEntry] | None = None
     node: int = 0
     views: tuple[FileView, ...] = ()  # data filters decided at open
-    hidden: Callable[[bytes], bool] | None = None  # readdir: names the opener may not see
+    # readdir: is a name hidden from the opener? (None: depends on the file)
+    hidden: Callable[[bytes, ObjectFacts | None], bool | None] | None = None
+    owners: dict[bytes, int | None] | None = None  # readdir: recorded owners of entries
 
 
 class Operations(pyfuse3.Operations):
@@ -109,15 +119,36 @@ class Operations(pyfuse3.Operations):
     # -- plumbing -------------------------------------------------------------
 
     def _act(self, ctx: pyfuse3.RequestContext, op: str, node: Inode,
-             name: bytes | None = None) -> Act:
+             name: bytes | None = None, obj: ObjectFacts | None = None) -> Act:
         """Who does op on node (or on name in it) for ctx's caller; FUSEError
-        when the policy refuses it or the caller cannot be identified."""
+        when the policy refuses it or the caller cannot be identified.
+
+        obj: the file the request is about, when it is not node itself (a new
+        name: what it will be). Raises NeedsObject when a rule asks about an
+        existing name's file: see _act_named."""
         if self.gate is not None:
-            return self.gate.act(ctx, op, self.table.path(node, name))
+            if obj is None and name is None:
+                obj = ObjectFacts(node.is_dir, node.owner_uid)
+            return self.gate.act(ctx, op, self.table.path(node, name), obj)
         try:
             return Act(self.identity.backing_creds(ctx), self.identity)
         except CredentialError as exc:
             raise refuse_unknown_caller(ctx, exc) from None
+
+    async def _act_named(self, ctx: pyfuse3.RequestContext, op: str, parent: Inode,
+                         name: bytes) -> Act:
+        """_act for an existing name in parent, looking at its file when a
+        policy rule asks (a name that is not there: ENOENT)."""
+        try:
+            return self._act(ctx, op, parent, name)
+        except NeedsObject as need:
+            (found,) = await self._run(_PROBE, backing.probe, parent.fd, [name])
+            if found is None:
+                raise FUSEError(errno.ENOENT) from None
+            return need.request.act(need.op, need.path, ObjectFacts(*found))
+
+    def _records_owners(self) -> bool:
+        return self.gate is not None and self.gate.policy.records_owners
 
     def _act_all(self, ctx: pyfuse3.RequestContext, ops: Sequence[str], node: Inode) -> Act:
         """One request that is several operations: each must be allowed; the
@@ -199,9 +230,20 @@ class Operations(pyfuse3.Operations):
         timeout = self.names.entry_timeout(parent, name, public, epoch)
         return self._attrs(inode, found.st, timeout)
 
-    def _creator(self, ctx: pyfuse3.RequestContext, parent: Inode, name: bytes) -> Credentials:
-        act = self._act(ctx, "create", parent, name)
+    def _creator(self, ctx: pyfuse3.RequestContext, parent: Inode, name: bytes,
+                 is_dir: bool = False) -> Credentials:
+        act = self._act(ctx, "create", parent, name, ObjectFacts(is_dir, ctx.uid))
         return act.source.creator_creds(ctx, act.creds, parent)
+
+    async def _created(self, ctx: pyfuse3.RequestContext, entry: pyfuse3.EntryAttributes
+                       ) -> pyfuse3.EntryAttributes:
+        """A new object: record its creator when the policy asks about owners
+        (the record outlives the daemon: it is on the backing file)."""
+        if self._records_owners():
+            inode = self.table.get(entry.st_ino)
+            await self._run(_PROBE, backing.record_owner, inode.fd, ctx.uid)
+            inode.owner_uid = ctx.uid
+        return entry
 
     async def _stat_dir_after_change(self, node: Inode, creds: Credentials) -> None:
         """After a change through the mount to a directory's mode, owner or ACL."""
@@ -213,10 +255,19 @@ class Operations(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                      ) -> pyfuse3.EntryAttributes:
         parent = self.table.get(parent_inode)
-        act = self._act(ctx, "lookup", parent, name)
+        act = await self._act_named(ctx, "lookup", parent, name)
         epoch = parent.search_epoch
         found = await self._run(act.creds, backing.open_path, parent.fd, name)
-        return self._enter(parent, name, found, epoch)
+        owner = await self._owner_of(found.fd) if self._records_owners() else None
+        entry = self._enter(parent, name, found, epoch)
+        self.table.get(entry.st_ino).owner_uid = owner
+        return entry
+
+    async def _owner_of(self, fd: int) -> int | None:
+        try:
+            return await self._run(_PROBE, backing.read_owner, fd)
+        except FUSEError:
+            return None
 
     def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for node, count in inode_list:
@@ -307,16 +358,16 @@ class Operations(pyfuse3.Operations):
         epoch = parent.search_epoch
         found = await self._run(creds, backing.mknod, parent.fd, name, mode, rdev,
                                 umask=self._umask(ctx))
-        return self._enter(parent, name, found, epoch)
+        return await self._created(ctx, self._enter(parent, name, found, epoch))
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.table.get(parent_inode)
-        creds = self._creator(ctx, parent, name)
+        creds = self._creator(ctx, parent, name, is_dir=True)
         epoch = parent.search_epoch
         found = await self._run(creds, backing.mkdir, parent.fd, name, mode,
                                 umask=self._umask(ctx))
-        return self._enter(parent, name, found, epoch)
+        return await self._created(ctx, self._enter(parent, name, found, epoch))
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -324,37 +375,47 @@ class Operations(pyfuse3.Operations):
         creds = self._creator(ctx, parent, name)
         epoch = parent.search_epoch
         found = await self._run(creds, backing.symlink, parent.fd, name, target)
-        return self._enter(parent, name, found, epoch)
+        return await self._created(ctx, self._enter(parent, name, found, epoch))
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.table.get(inode)
         parent = self.table.get(new_parent_inode)
         epoch = parent.search_epoch
-        creds = self._act(ctx, "create", parent, new_name).creds
+        creds = self._act(ctx, "create", parent, new_name,
+                          ObjectFacts(node.is_dir, node.owner_uid)).creds
         found = await self._run(creds, backing.link, node.fd, parent.fd, new_name)
         return self._enter(parent, new_name, found, epoch)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                      ) -> None:
         parent = self.table.get(parent_inode)
-        await self._run(self._act(ctx, "delete", parent, name).creds, backing.unlink,
-                        parent.fd, name)
+        act = await self._act_named(ctx, "delete", parent, name)
+        await self._run(act.creds, backing.unlink, parent.fd, name)
         self.names.removed(parent, name)
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                     ) -> None:
         parent = self.table.get(parent_inode)
-        await self._run(self._act(ctx, "delete", parent, name).creds, backing.rmdir,
-                        parent.fd, name)
+        act = await self._act_named(ctx, "delete", parent, name)
+        await self._run(act.creds, backing.rmdir, parent.fd, name)
         self.names.removed(parent, name)
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
         old = self.table.get(parent_inode_old)
         new = self.table.get(parent_inode_new)
-        creds = self._act(ctx, "rename", old, name_old).creds
-        self._act(ctx, "rename", new, name_new)
+        creds = (await self._act_named(ctx, "rename", old, name_old)).creds
+        try:
+            self._act(ctx, "rename", new, name_new)
+        except NeedsObject as need:
+            # The file replaced at the target, or, when the name is new, the
+            # file that will be there.
+            (target,) = await self._run(_PROBE, backing.probe, new.fd, [name_new])
+            if target is None:
+                (target,) = await self._run(_PROBE, backing.probe, old.fd, [name_old])
+            need.request.act(need.op, need.path,
+                             ObjectFacts(*target) if target else ObjectFacts(False, ctx.uid))
         await self._run(creds, backing.rename, old.fd, name_old, new.fd, name_new, flags)
         exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
         if self.gate is not None:
@@ -409,13 +470,13 @@ class Operations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self.table.get(parent_inode)
-        act = self._act(ctx, "create", parent, name)
+        act = self._act(ctx, "create", parent, name, ObjectFacts(False, ctx.uid))
         creds = act.creds
         maker = act.source.creator_creds(ctx, creds, parent)
         epoch = parent.search_epoch
         fd, found = await self._run(maker, backing.create, parent.fd, name, flags, mode,
                                     umask=self._umask(ctx))
-        entry = self._enter(parent, name, found, epoch)
+        entry = await self._created(ctx, self._enter(parent, name, found, epoch))
         handle = Handle(fd, creds, node=entry.st_ino,
                         kill_privs=act.source.kills_privileges(ctx))
         return self._file_info(self._new_handle(handle)), entry
@@ -450,11 +511,19 @@ class Operations(pyfuse3.Operations):
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self.table.get(inode)
-        hidden = None
         if self.gate is None:
             act = self._act(ctx, "list", node)
+            hidden = None
         else:
-            act, hidden = self.gate.act_listing(ctx, self.table.path(node))
+            # Decided now, by the policy in force now: the open directory keeps
+            # this decision, as an open file does.
+            request = self.gate.begin(ctx)
+            path = self.table.path(node)
+            act = request.act("list", path, ObjectFacts(node.is_dir, node.owner_uid))
+            prefix = f"{path}/" if path else ""
+
+            def hidden(name: bytes, obj: ObjectFacts | None) -> bool | None:
+                return request.hidden(prefix + name.decode("utf-8", "surrogateescape"), obj)
         fd = await self._run(act.creds, backing.opendir, node.fd)
         return self._new_handle(Handle(fd, act.creds, node=inode, hidden=hidden))
 
@@ -465,7 +534,7 @@ class Operations(pyfuse3.Operations):
             # A snapshot per pass: offsets stay stable while the directory changes.
             h.entries = await self._run(h.creds, backing.list_dir, h.fd)
             if h.hidden is not None:
-                h.entries = [e for e in h.entries if not h.hidden(e.name)]
+                h.entries, h.owners = await self._visible(h, h.entries)
         # Offsets 0 and 1 are "." and "..": the kernel takes no reference for
         # them, so they get no node of their own (d_ino is the directory's).
         for pos in range(start_id, _DOTS):
@@ -486,6 +555,8 @@ class Operations(pyfuse3.Operations):
                     attrs = self._placeholder_attrs(entry.type_bits)
                 else:
                     attrs = self._enter(parent, entry.name, item, epoch)
+                    if h.owners is not None:
+                        self.table.get(attrs.st_ino).owner_uid = h.owners.get(entry.name)
                 if not pyfuse3.readdir_reply(token, entry.name, attrs, _DOTS + pos + i + 1):
                     # The kernel's buffer is full: this entry was not sent.
                     self.table.forget(attrs.st_ino, 1)
@@ -494,6 +565,29 @@ class Operations(pyfuse3.Operations):
                             os.close(rest.fd)
                     return
             pos += len(chunk)
+
+    async def _visible(self, h: Handle, entries: list[backing.DirEntry]
+                       ) -> tuple[list[backing.DirEntry], dict[bytes, int | None] | None]:
+        """The entries the policy does not hide from the opener, and, when the
+        policy asks about owners, each one's recorded owner."""
+        assert h.hidden is not None
+        undecided = [e.name for e in entries if h.hidden(e.name, None) is None]
+        probe_all = self._records_owners()
+        names = [e.name for e in entries] if probe_all else undecided
+        facts: dict[bytes, tuple[bool, int | None] | None] = {}
+        if names:
+            found = await self._run(_PROBE, backing.probe, h.fd, names)
+            facts = dict(zip(names, found, strict=True))
+        visible = []
+        for e in entries:
+            f = facts.get(e.name)
+            if e.name in facts and f is None:
+                continue  # gone since it was listed
+            # Every undecided name was probed: the answer is True or False now.
+            if h.hidden(e.name, ObjectFacts(*f) if f else None) is False:
+                visible.append(e)
+        owners = {n: f[1] for n, f in facts.items() if f} if probe_all else None
+        return visible, owners
 
     @staticmethod
     def _dot_attrs(node: int) -> pyfuse3.EntryAttributes:
@@ -550,14 +644,17 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if inode == pyfuse3.ROOT_INODE and name == CREDS_XATTR:
             return self.describe().encode()
+        if name.startswith(_RESERVED_XATTR_PREFIX):
+            raise FUSEError(errno.ENODATA)
         node = self.table.get(inode)
         return await self._run(self._act(ctx, "xattr", node).creds, backing.getxattr,
                                node.fd, name)
 
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
-        if inode == pyfuse3.ROOT_INODE and name == CREDS_XATTR:
-            raise FUSEError(errno.EPERM)  # read-only: recorded once, at mount
+        if (inode == pyfuse3.ROOT_INODE and name == CREDS_XATTR) or \
+                name.startswith(_RESERVED_XATTR_PREFIX):
+            raise FUSEError(errno.EPERM)  # read-only: recorded once, at mount / by credfs
         node = self.table.get(inode)
         creds = self._act(ctx, "xattr", node).creds
         await self._run(creds, backing.setxattr, node.fd, name, value)
@@ -566,10 +663,12 @@ class Operations(pyfuse3.Operations):
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         node = self.table.get(inode)
-        return await self._run(self._act(ctx, "xattr", node).creds, backing.listxattr, node.fd)
+        names = await self._run(self._act(ctx, "xattr", node).creds, backing.listxattr, node.fd)
+        return [n for n in names if not n.startswith(_RESERVED_XATTR_PREFIX)]
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        if inode == pyfuse3.ROOT_INODE and name == CREDS_XATTR:
+        if (inode == pyfuse3.ROOT_INODE and name == CREDS_XATTR) or \
+                name.startswith(_RESERVED_XATTR_PREFIX):
             raise FUSEError(errno.EPERM)
         node = self.table.get(inode)
         creds = self._act(ctx, "xattr", node).creds

@@ -1,8 +1,9 @@
 """A loaded policy and the decision it makes for one request.
 
-Precedence: the first rule in file order whose path pattern, operations and
-identities all match the request decides it; placeholders in the pattern must
-equal the caller's values. When no rule matches, the policy's [defaults] do.
+Precedence: the first rule in file order whose path patterns, operations,
+identities and object conditions (type, owner) all match the request decides
+it; placeholders in a pattern must equal the caller's values. When no rule
+matches, the policy's [defaults] do.
 A Policy is immutable: a reload builds a new one and swaps it in whole.
 """
 
@@ -71,18 +72,53 @@ class IdentityDef:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class ObjectFacts:
+    """What a rule may ask about the file a request is about."""
+    is_dir: bool
+    owner_uid: int | None  # the app (uid) recorded as its creator; None: none recorded
+
+
 @dataclass(frozen=True)
 class Rule:
     index: int  # 1-based, file order
     line: int
     name: str
-    pattern: PathPattern
+    patterns: tuple[PathPattern, ...]
     ops: frozenset[str]
     who: tuple[str, ...] | None  # identity names; None: anyone
     allow: bool
     errno: int  # for deny
     creds: CredsSpec  # for allow
     filters: tuple[str, ...]
+    type: str | None = None  # "dir" | "file" (anything else)
+    owner: str | None = None  # "caller" | "other" (recorded creator is / is not the caller)
+
+    @property
+    def needs_object(self) -> bool:
+        return self.type is not None or self.owner is not None
+
+    @property
+    def paths(self) -> str:
+        return ", ".join(repr(p.text) for p in self.patterns)
+
+    def match(self, path: str) -> dict[str, str] | None:
+        for pattern in self.patterns:
+            bindings = pattern.match(path)
+            if bindings is not None:
+                return bindings
+        return None
+
+    def object_mismatch(self, obj: ObjectFacts, caller: CallerFacts) -> str | None:
+        if self.type is not None and (self.type == "dir") != obj.is_dir:
+            return f"not a {'directory' if self.type == 'dir' else 'file'}"
+        if self.owner is not None:
+            mine = obj.owner_uid is not None and obj.owner_uid == caller.uid
+            if (self.owner == "caller") != mine:
+                who = "nobody recorded" if obj.owner_uid is None else f"uid {obj.owner_uid}"
+                return f"owner is {who}, " + ("not the caller" if self.owner == "caller"
+                                              else "the caller")
+        return None
 
     @property
     def label(self) -> str:
@@ -97,6 +133,9 @@ class Decision:
     creds: CredsSpec
     filters: tuple[str, ...]
     rule: Rule | None  # None: the defaults decided
+    # The deciding rule depends on the object (type, owner) and none was given:
+    # look at the object, then decide again with it.
+    needs_object: bool = False
 
     @property
     def hides(self) -> bool:
@@ -156,17 +195,24 @@ class Policy:
     def __post_init__(self) -> None:
         # Rules indexed by a literal first segment; each list keeps file order
         # with the rules whose first segment is a wildcard merged in.
-        self._wild = tuple(r for r in self.rules if r.pattern.first_literal is None)
-        firsts = {r.pattern.first_literal for r in self.rules} - {None}
+        def firsts(rule: Rule) -> set[str | None]:
+            return {p.first_literal for p in rule.patterns}
+
+        self._wild = tuple(r for r in self.rules if None in firsts(r))
+        every = set().union(*map(firsts, self.rules)) - {None}
         self._by_first = {
-            f: tuple(r for r in self.rules if r.pattern.first_literal in (f, None))
-            for f in firsts if f is not None}
+            f: tuple(r for r in self.rules if firsts(r) & {f, None}) for f in every}
         self._default = Decision(self.defaults.allow, self.defaults.errno,
                                  self.defaults.creds, self.defaults.filters, None)
 
     @property
     def creds_used(self) -> set[CredsSpec]:
         return {r.creds for r in self.rules if r.allow} | {self.defaults.creds}
+
+    @property
+    def records_owners(self) -> bool:
+        """Does any rule ask who created a file? Then creates record it."""
+        return any(r.owner is not None for r in self.rules)
 
     def caller(self, uid: int, gid: int, groups: tuple[int, ...]) -> CallerFacts:
         key = (uid, gid, groups)
@@ -193,17 +239,19 @@ class Policy:
             reasons.append(f"not {name}: {why}")
         return "; ".join(reasons)
 
-    def decide(self, op: str, path: str, caller: CallerFacts) -> Decision:
-        key = (op, path, caller)
+    def decide(self, op: str, path: str, caller: CallerFacts,
+               obj: ObjectFacts | None = None) -> Decision:
+        key = (op, path, caller, obj)
         decision = self._decisions.get(key)
         if decision is None:
-            decision = next((d for d, _why in self.trace(op, path, caller) if d), self._default)
+            decision = next((d for d, _why in self.trace(op, path, caller, obj) if d),
+                            self._default)
             if len(self._decisions) >= _CACHE_LIMIT:
                 self._decisions.clear()
             self._decisions[key] = decision
         return decision
 
-    def trace(self, op: str, path: str, caller: CallerFacts
+    def trace(self, op: str, path: str, caller: CallerFacts, obj: ObjectFacts | None = None
               ) -> Iterator[tuple[Decision | None, tuple[Rule, str]]]:
         """Each candidate rule in order with why it did or did not decide; a
         Decision for the one that did (the iteration stops there)."""
@@ -211,14 +259,23 @@ class Policy:
             if op not in rule.ops:
                 yield None, (rule, f"does not cover {op}")
                 continue
-            bindings = rule.pattern.match(path)
+            bindings = rule.match(path)
             if bindings is None:
-                yield None, (rule, f"path does not match {rule.pattern.text!r}")
+                yield None, (rule, f"path does not match {rule.paths}")
                 continue
             why = self._who_mismatch(rule, caller) or caller.placeholder_mismatch(bindings)
             if why:
                 yield None, (rule, why)
                 continue
+            if rule.needs_object:
+                if obj is None:
+                    yield Decision(False, errno_mod.EACCES, "caller", (), rule, True), \
+                        (rule, "depends on the file's type or owner")
+                    return
+                why = rule.object_mismatch(obj, caller)
+                if why:
+                    yield None, (rule, why)
+                    continue
             bound = ", ".join(f"{{{k}}}={v}" for k, v in bindings.items())
             yield Decision(rule.allow, rule.errno, rule.creds, rule.filters, rule), \
                 (rule, "matches" + (f" ({bound})" if bound else ""))
@@ -235,10 +292,14 @@ class Policy:
         if uniform is None:
             uniform = True
             for rule in self._candidates(path):
-                if "lookup" not in rule.ops or rule.pattern.match(path) is None:
+                if "lookup" not in rule.ops or rule.match(path) is None:
                     continue
-                uniform = rule.who is None and not rule.pattern.placeholders
-                break
+                uniform = rule.who is None and rule.owner is None and \
+                    not any(p.placeholders for p in rule.patterns)
+                if not uniform or rule.type is None:
+                    break
+                # A type condition is the same for everyone, but when it does
+                # not hold a later rule decides: that one must be uniform too.
             if len(self._uniform) >= _CACHE_LIMIT:
                 self._uniform.clear()
             self._uniform[path] = uniform

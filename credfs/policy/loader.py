@@ -25,7 +25,8 @@ _DEFAULT_KEYS = {"action", "errno", "creds", "filters"}
 _APPS_KEYS = {"list", "package"}
 _APP_KEYS = {"uid", "permissions"}
 _IDENTITY_KEYS = {"uids", "gids", "apps", "permissions"}
-_RULE_KEYS = {"name", "path", "who", "ops", "action", "errno", "creds", "filters"}
+_RULE_KEYS = {"name", "path", "who", "ops", "action", "errno", "creds", "filters", "type",
+              "owner"}
 
 
 @dataclass(frozen=True)
@@ -259,11 +260,18 @@ class _Loader:
                 self.problem(t, None, f"{where}: no path; every rule needs one "
                                       "(\"**\" matches everything)")
                 continue
+            paths = self.string_list(t, "path", spec["path"])
+            if not paths:
+                if paths is not None:
+                    self.problem(t, "path", f"{where}: path: an empty list matches nothing")
+                continue
             try:
-                pattern = compile_pattern(spec["path"], f"{where}: path")
+                patterns = tuple(compile_pattern(p, f"{where}: path") for p in paths)
             except PatternError as exc:
                 self.problem(t, "path", str(exc))
                 continue
+            type_ = self.choice(t, "type", spec.get("type"), ("dir", "file"), where)
+            owner = self.choice(t, "owner", spec.get("owner"), ("caller", "other"), where)
             ops = self.ops(t, spec.get("ops", "*"), where)
             who = self.who(t, spec.get("who", "*"), identities, where)
             allow = self.action(t, spec.get("action", "allow"))
@@ -280,9 +288,17 @@ class _Loader:
                 filters = self.filters(t, spec.get("filters", [])) or ()
             if len(self.problems) == before and ops is not None:
                 out.append(Rule(i + 1, self.locate.line(t), name if isinstance(name, str)
-                                else "", pattern, ops, who, bool(allow), errno, creds,
-                                filters))
+                                else "", patterns, ops, who, bool(allow), errno, creds,
+                                filters, type_, owner))
         return out
+
+    def choice(self, table: TablePath, key: str, value: Any, allowed: tuple[str, ...],
+               where: str) -> str | None:
+        if value is None or value in allowed:
+            return value
+        self.problem(table, key, f"{where}: {key}: {value!r}: expected "
+                                 f"{' or '.join(repr(a) for a in allowed)}")
+        return None
 
     def ops(self, table: TablePath, value: Any, where: str) -> frozenset[str] | None:
         names = self.string_list(table, "ops", value)
