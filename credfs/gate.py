@@ -18,7 +18,7 @@ from pyfuse3 import FUSEError
 
 from .creds import CredentialError, Credentials
 from .identity import CallerIdentity, IdentitySource, MounterIdentity
-from .policy import CallerFacts, ObjectFacts, Policy, PolicyError, load_policy
+from .policy import CallerFacts, Decision, ObjectFacts, Policy, PolicyError, load_policy
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +135,6 @@ class Request:
         creds = self.caller if source is self.gate.caller else source.backing_creds(self.ctx)
         return Act(creds, source, decision.filters)
 
-    def hidden(self, path: str, obj: ObjectFacts | None = None) -> bool | None:
-        """Is path hidden from this caller (lookup refused with ENOENT)? None
-        when that depends on the file and obj was not given."""
-        decision = self.policy.decide("lookup", path, self.facts, obj)
-        return None if decision.needs_object else decision.hides
+    def decision(self, op: str, path: str, obj: ObjectFacts | None = None) -> Decision:
+        """The decision itself (needs_object set when obj is wanted)."""
+        return self.policy.decide(op, path, self.facts, obj)

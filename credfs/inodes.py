@@ -10,6 +10,10 @@ the backing filesystem cannot hand its number to another file while we hold
 it, so (st_dev, st_ino) -> node can never silently point at another file.
 Inodes on other devices (submounts inside the source) and a backing number
 that collides with the FUSE root id get ids from a private range instead.
+
+A file some callers may only read through a data filter (a policy's
+redaction) has one node per view: the kernel keeps a page cache per node, so
+filtered and unfiltered data can never be served from each other's cache.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ _PRIVATE_IDS_START = 1 << 62
 class Inode:
     node: int
     fd: int
-    key: tuple[int, int]  # backing (st_dev, st_ino)
+    key: tuple[int, int, tuple[str, ...]]  # backing (st_dev, st_ino) and the view
     mode: int  # S_IFMT bits; the type never changes
     lookups: int = 0
     # Names in this directory handed to the kernel with a positive entry timeout;
@@ -50,15 +54,22 @@ class Inode:
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
 
+    @property
+    def view(self) -> tuple[str, ...]:
+        """The data filters every read through this node applies."""
+        return self.key[2]
+
 
 class InodeTable:
     def __init__(self, root_fd: int) -> None:
         st = os.fstat(root_fd)
         self.root_dev = st.st_dev
         self._by_node: dict[int, Inode] = {}
-        self._by_key: dict[tuple[int, int], Inode] = {}
+        self._by_key: dict[tuple[int, int, tuple[str, ...]], Inode] = {}
+        self._views: dict[tuple[int, int], set[Inode]] = {}  # filtered nodes of a file
         self._private_ids = itertools.count(_PRIVATE_IDS_START)
-        root = Inode(pyfuse3.ROOT_INODE, root_fd, (st.st_dev, st.st_ino), st.st_mode, lookups=1)
+        root = Inode(pyfuse3.ROOT_INODE, root_fd, (st.st_dev, st.st_ino, ()), st.st_mode,
+                     lookups=1)
         self._by_node[root.node] = root
         self._by_key[root.key] = root
 
@@ -87,36 +98,40 @@ class InodeTable:
         on the placeholder itself is refused.
         """
         node = next(self._private_ids)
-        inode = Inode(node, -1, (-1, node), type_bits, lookups=1)
+        inode = Inode(node, -1, (-1, node, ()), type_bits, lookups=1)
         self._by_node[node] = inode
         self._by_key[inode.key] = inode
         return inode
 
     def remember(self, fd: int, st: os.stat_result, parent: Inode | None = None,
-                 name: bytes = b"") -> Inode:
+                 name: bytes = b"", view: tuple[str, ...] = ()) -> Inode:
         """Count one more kernel reference to the inode fd refers to, reached as
-        name in parent.
+        name in parent, seen through view (data filters; () for none).
 
         Takes ownership of fd: it is kept for a new inode, closed when the inode
         is already known (the known descriptor pins the same backing inode).
         """
-        key = (st.st_dev, st.st_ino)
+        key = (st.st_dev, st.st_ino, view)
         inode = self._by_key.get(key)
         if inode is not None:
             os.close(fd)
         else:
-            inode = Inode(self._node_id(st), fd, key, stat.S_IFMT(st.st_mode))
+            node = self._node_id(st) if not view else next(self._private_ids)
+            inode = Inode(node, fd, key, stat.S_IFMT(st.st_mode))
             self._by_node[inode.node] = inode
             self._by_key[key] = inode
+            if view:
+                self._views.setdefault(key[:2], set()).add(inode)
         inode.lookups += 1
         if parent is not None:
             inode.parent, inode.name = parent, name
         return inode
 
     def moved(self, key: tuple[int, int], parent: Inode, name: bytes) -> None:
-        """A rename through the mount put the inode with this backing key at name."""
-        inode = self._by_key.get(key)
-        if inode is not None:
+        """A rename through the mount put the file with this backing (st_dev,
+        st_ino) at name."""
+        plain = self._by_key.get((*key, ()))
+        for inode in ({plain} if plain else set()) | self._views.get(key, set()):
             inode.parent, inode.name = parent, name
 
     @staticmethod
@@ -147,6 +162,11 @@ class InodeTable:
         if inode.lookups <= 0:
             del self._by_node[node]
             del self._by_key[inode.key]
+            if inode.view:
+                views = self._views[inode.key[:2]]
+                views.discard(inode)
+                if not views:
+                    del self._views[inode.key[:2]]
             if inode.fd >= 0:
                 os.close(inode.fd)
 
@@ -160,3 +180,4 @@ class InodeTable:
                 pass
         self._by_node.clear()
         self._by_key.clear()
+        self._views.clear()

@@ -32,7 +32,7 @@ from .gate import Act, NeedsObject, PolicyGate, refuse_unknown_caller
 from .identity import IdentitySource
 from .inodes import Inode, InodeTable
 from .notify import KernelNotifier
-from .policy import ObjectFacts
+from .policy import Decision, ObjectFacts
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -91,9 +91,10 @@ class Handle:
     entries: list[backing.DirEntry] | None = None
     node: int = 0
     views: tuple[FileView, ...] = ()  # data filters decided at open
-    # readdir: is a name hidden from the opener? (None: depends on the file)
-    hidden: Callable[[bytes, ObjectFacts | None], bool | None] | None = None
+    # readdir: the opener's lookup decision for a name (needs_object: give the file)
+    decide: Callable[[bytes, ObjectFacts | None], Decision] | None = None
     owners: dict[bytes, int | None] | None = None  # readdir: recorded owners of entries
+    listed_views: dict[bytes, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
 
 class Operations(pyfuse3.Operations):
@@ -214,13 +215,14 @@ class Operations(pyfuse3.Operations):
         a.st_ctime_ns = st.st_ctime_ns
         return a
 
-    def _enter(self, parent: Inode, name: bytes, found: backing.Found, epoch: int
-               ) -> pyfuse3.EntryAttributes:
+    def _enter(self, parent: Inode, name: bytes, found: backing.Found, epoch: int,
+               view: tuple[str, ...] = ()) -> pyfuse3.EntryAttributes:
         """Register a resolved name with the kernel (one lookup reference).
 
-        epoch: the parent's search_epoch before the request started.
+        epoch: the parent's search_epoch before the request started; view: the
+        data filters reads through this name apply (a node of its own).
         """
-        inode = self.table.remember(found.fd, found.st, parent, name)
+        inode = self.table.remember(found.fd, found.st, parent, name, view)
         # With default_permissions the kernel checks search permission itself on
         # every step of a walk, cached or not: any name may be cached. A policy
         # that decides this name per caller forbids caching it: walks through
@@ -259,7 +261,8 @@ class Operations(pyfuse3.Operations):
         epoch = parent.search_epoch
         found = await self._run(act.creds, backing.open_path, parent.fd, name)
         owner = await self._owner_of(found.fd) if self._records_owners() else None
-        entry = self._enter(parent, name, found, epoch)
+        view = act.filters if stat.S_ISREG(found.st.st_mode) else ()
+        entry = self._enter(parent, name, found, epoch, view)
         self.table.get(entry.st_ino).owner_uid = owner
         return entry
 
@@ -454,16 +457,23 @@ class Operations(pyfuse3.Operations):
         handle = Handle(fd, creds, node=inode)
         if flags & os.O_ACCMODE != os.O_RDONLY:
             handle.kill_privs = act.source.kills_privileges(ctx)
-        if act.filters:
-            handle.views = await self._run(creds, _views, fd, act.filters)
-        return self._file_info(self._new_handle(handle), filtered=bool(handle.views))
+        filters = node.view + tuple(f for f in act.filters if f not in node.view)
+        if filters:
+            handle.views = await self._run(creds, _views, fd, filters)
+        fi = self._file_info(self._new_handle(handle))
+        if node.view:
+            # Its pages were filtered for an earlier version of the file, which
+            # may have changed through the unfiltered node since.
+            fi.keep_cache = False
+        if len(filters) > len(node.view):
+            # Filters this node's page cache does not have (a reload changed
+            # the decision): this open must bypass the cache, both ways.
+            fi.direct_io = True
+        return fi
 
-    def _file_info(self, fh: int, filtered: bool = False) -> pyfuse3.FileInfo:
+    def _file_info(self, fh: int) -> pyfuse3.FileInfo:
         fi = pyfuse3.FileInfo(fh=fh)
-        fi.keep_cache = self.cache.keep_page_cache and not filtered
-        # Filtered data must never enter the page cache the inode shares with
-        # every other opener, nor come out of it.
-        fi.direct_io = filtered
+        fi.keep_cache = self.cache.keep_page_cache
         return fi
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -513,7 +523,7 @@ class Operations(pyfuse3.Operations):
         node = self.table.get(inode)
         if self.gate is None:
             act = self._act(ctx, "list", node)
-            hidden = None
+            decide = None
         else:
             # Decided now, by the policy in force now: the open directory keeps
             # this decision, as an open file does.
@@ -522,10 +532,11 @@ class Operations(pyfuse3.Operations):
             act = request.act("list", path, ObjectFacts(node.is_dir, node.owner_uid))
             prefix = f"{path}/" if path else ""
 
-            def hidden(name: bytes, obj: ObjectFacts | None) -> bool | None:
-                return request.hidden(prefix + name.decode("utf-8", "surrogateescape"), obj)
+            def decide(name: bytes, obj: ObjectFacts | None) -> Decision:
+                return request.decision("lookup", prefix + name.decode("utf-8",
+                                                                      "surrogateescape"), obj)
         fd = await self._run(act.creds, backing.opendir, node.fd)
-        return self._new_handle(Handle(fd, act.creds, node=inode, hidden=hidden))
+        return self._new_handle(Handle(fd, act.creds, node=inode, decide=decide))
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         h = self._handle(fh)
@@ -533,7 +544,7 @@ class Operations(pyfuse3.Operations):
         if start_id == 0 or h.entries is None:
             # A snapshot per pass: offsets stay stable while the directory changes.
             h.entries = await self._run(h.creds, backing.list_dir, h.fd)
-            if h.hidden is not None:
+            if h.decide is not None:
                 h.entries, h.owners = await self._visible(h, h.entries)
         # Offsets 0 and 1 are "." and "..": the kernel takes no reference for
         # them, so they get no node of their own (d_ino is the directory's).
@@ -554,7 +565,9 @@ class Operations(pyfuse3.Operations):
                         continue  # gone since it was listed
                     attrs = self._placeholder_attrs(entry.type_bits)
                 else:
-                    attrs = self._enter(parent, entry.name, item, epoch)
+                    view = h.listed_views.get(entry.name, ()) \
+                        if stat.S_ISREG(item.st.st_mode) else ()
+                    attrs = self._enter(parent, entry.name, item, epoch, view)
                     if h.owners is not None:
                         self.table.get(attrs.st_ino).owner_uid = h.owners.get(entry.name)
                 if not pyfuse3.readdir_reply(token, entry.name, attrs, _DOTS + pos + i + 1):
@@ -570,8 +583,8 @@ class Operations(pyfuse3.Operations):
                        ) -> tuple[list[backing.DirEntry], dict[bytes, int | None] | None]:
         """The entries the policy does not hide from the opener, and, when the
         policy asks about owners, each one's recorded owner."""
-        assert h.hidden is not None
-        undecided = [e.name for e in entries if h.hidden(e.name, None) is None]
+        assert h.decide is not None
+        undecided = [e.name for e in entries if h.decide(e.name, None).needs_object]
         probe_all = self._records_owners()
         names = [e.name for e in entries] if probe_all else undecided
         facts: dict[bytes, tuple[bool, int | None] | None] = {}
@@ -579,13 +592,17 @@ class Operations(pyfuse3.Operations):
             found = await self._run(_PROBE, backing.probe, h.fd, names)
             facts = dict(zip(names, found, strict=True))
         visible = []
+        h.listed_views = {}
         for e in entries:
             f = facts.get(e.name)
             if e.name in facts and f is None:
                 continue  # gone since it was listed
-            # Every undecided name was probed: the answer is True or False now.
-            if h.hidden(e.name, ObjectFacts(*f) if f else None) is False:
+            # Every undecided name was probed: the decision is final now.
+            decision = h.decide(e.name, ObjectFacts(*f) if f else None)
+            if not decision.hides and not decision.needs_object:
                 visible.append(e)
+                if decision.allow and decision.filters:
+                    h.listed_views[e.name] = decision.filters
         owners = {n: f[1] for n, f in facts.items() if f} if probe_all else None
         return visible, owners
 

@@ -20,7 +20,7 @@ from .patterns import PatternError, compile_pattern
 MAX_ID = 2**32 - 2
 MAX_RULES = 100_000
 
-_TOP_KEYS = {"version", "defaults", "apps", "identities", "rule"}
+_TOP_KEYS = {"version", "defaults", "apps", "identities", "paths", "rule"}
 _DEFAULT_KEYS = {"action", "errno", "creds", "filters"}
 _APPS_KEYS = {"list", "package"}
 _APP_KEYS = {"uid", "permissions"}
@@ -56,6 +56,7 @@ class _Loader:
         self.path = path
         self.locate = Locator(text)
         self.problems: list[Problem] = []
+        self.named_paths: dict[str, list[str]] = {}
 
     def problem(self, table: TablePath, key: str | None, message: str,
                 line: int | None = None) -> None:
@@ -260,7 +261,7 @@ class _Loader:
                 self.problem(t, None, f"{where}: no path; every rule needs one "
                                       "(\"**\" matches everything)")
                 continue
-            paths = self.string_list(t, "path", spec["path"])
+            paths = self.expand_paths(t, self.string_list(t, "path", spec["path"]), where)
             if not paths:
                 if paths is not None:
                     self.problem(t, "path", f"{where}: path: an empty list matches nothing")
@@ -290,6 +291,39 @@ class _Loader:
                 out.append(Rule(i + 1, self.locate.line(t), name if isinstance(name, str)
                                 else "", patterns, ops, who, bool(allow), errno, creds,
                                 filters, type_, owner))
+        return out
+
+    def path_sets(self, value: Any) -> None:
+        """[paths]: named lists of patterns that rules name as "@NAME"."""
+        if not isinstance(value, dict):
+            self.problem((), "paths", "paths: expected a table of NAME = [patterns]")
+            return
+        for name, patterns in value.items():
+            items = self.string_list(("paths",), name, patterns)
+            if items is None:
+                continue
+            try:
+                for p in items:
+                    compile_pattern(p, f"paths.{name}")
+            except PatternError as exc:
+                self.problem(("paths",), name, str(exc))
+                continue
+            self.named_paths[name] = items
+
+    def expand_paths(self, table: TablePath, paths: list[str] | None, where: str
+                     ) -> list[str] | None:
+        if paths is None:
+            return None
+        out = []
+        for p in paths:
+            if not p.startswith("@"):
+                out.append(p)
+            elif p[1:] in self.named_paths:
+                out += self.named_paths[p[1:]]
+            else:
+                self.problem(table, "path", f"{where}: path: unknown path set {p!r}; defined: "
+                                            f"{', '.join(sorted(self.named_paths)) or '(none)'}")
+                return None
         return out
 
     def choice(self, table: TablePath, key: str, value: Any, allowed: tuple[str, ...],
@@ -347,6 +381,7 @@ def parse_policy(path: str, text: str) -> Policy:
     defaults = loader.defaults(data.get("defaults", {}))
     apps = loader.apps(data.get("apps", {}))
     identities = loader.identities(data.get("identities", {}), apps)
+    loader.path_sets(data.get("paths", {}))
     rules = loader.rules(data.get("rule", []), identities)
     if loader.problems:
         raise PolicyError(loader.problems)
