@@ -64,7 +64,7 @@ def privilege_mode(opts: MountOptions, mounter: Credentials | None) -> str:
 def build_identity(opts: MountOptions, mounter: Credentials | None) -> IdentitySource:
     """After privileges.restrict(): nobody is given more than the daemon kept."""
     permitted = syscalls.capget_thread()[1]
-    resolver = CallerResolver(permitted, opts.missing_groups)
+    resolver = CallerResolver(permitted, opts.missing_groups, opts.idmap)
     if mounter is None:
         return CallerIdentity(resolver)
     return MounterIdentity(Credentials(mounter.uid, mounter.gid, mounter.groups,
@@ -94,13 +94,14 @@ def serve(opts: MountOptions, ready: Ready) -> int:
         opts.default_permissions = True
     notifier = KernelNotifier(None)
     ops = Operations(table, pool, identity, cache, kernel_applies_umask=not is_root,
-                     notifier=notifier)
+                     notifier=notifier, idmap=opts.idmap)
 
     summary = (f"credfs: serving {os.path.abspath(opts.source)} at "
                f"{os.path.abspath(opts.mountpoint)}; {identity.describe()}; cache "
                f"{cache.mode.value} (timeout {cache.timeout:g}s); {opts.workers} workers; "
                f"up to ~{max(fd_limit - 64, 0)} inodes (RLIMIT_NOFILE {fd_limit}); "
-               f"capabilities kept: {', '.join(kept) or 'none'}")
+               f"capabilities kept: {', '.join(kept) or 'none'}"
+               + (f"; {opts.idmap.describe()}" if opts.idmap else ""))
     if is_root:
         fuse_fd = kernelmount.mount_fuse(opts, allow_other)
     try:

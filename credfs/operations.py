@@ -23,10 +23,11 @@ from typing import Any, TypeVar
 import pyfuse3
 from pyfuse3 import FUSEError
 
-from . import backing, caller, syscalls
+from . import acl, backing, caller, syscalls
 from .cache import CachePolicy, NameCache
 from .creds import CAP_DAC_READ_SEARCH, CredentialError, Credentials, cap_bit
 from .identity import IdentitySource
+from .idmap import IdMapping
 from .inodes import Inode, InodeTable
 from .notify import KernelNotifier
 from .workers import WorkerPool
@@ -88,8 +89,9 @@ class Operations(pyfuse3.Operations):
 
     def __init__(self, table: InodeTable, pool: WorkerPool, identity: IdentitySource,
                  cache: CachePolicy, kernel_applies_umask: bool,
-                 notifier: KernelNotifier) -> None:
+                 notifier: KernelNotifier, idmap: IdMapping | None = None) -> None:
         super().__init__()
+        self.idmap = idmap  # None: ids pass unchanged (no cost per request)
         self.table = table
         self.pool = pool
         self.identity = identity
@@ -145,8 +147,11 @@ class Operations(pyfuse3.Operations):
         a.attr_timeout = self.cache.attr_timeout
         a.st_mode = st.st_mode
         a.st_nlink = st.st_nlink
-        a.st_uid = st.st_uid
-        a.st_gid = st.st_gid
+        if self.idmap is None:
+            a.st_uid, a.st_gid = st.st_uid, st.st_gid
+        else:
+            a.st_uid, a.st_gid = self.idmap.uids.to_view(st.st_uid), \
+                self.idmap.gids.to_view(st.st_gid)
         a.st_rdev = st.st_rdev
         a.st_size = st.st_size
         a.st_blksize = st.st_blksize
@@ -211,6 +216,11 @@ class Operations(pyfuse3.Operations):
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
         change.touch = _is_touch(attr, fields)
+        if self.idmap is not None and (fields.update_uid or fields.update_gid):
+            try:
+                change.uid, change.gid = self.idmap.owner_to_backing(change.uid, change.gid)
+            except OSError as exc:
+                raise FUSEError(errno.EINVAL) from exc
         if change.size is not None:
             change.kill_privs = self.identity.kills_privileges(ctx)
         creds = self._who(ctx)
@@ -481,7 +491,7 @@ class Operations(pyfuse3.Operations):
         if inode == pyfuse3.ROOT_INODE and name == CREDS_XATTR:
             return self.identity.describe().encode()
         node = self.table.get(inode)
-        return await self._run(self._who(ctx), backing.getxattr, node.fd, name)
+        return await self._run(self._who(ctx), acl.getxattr, node.fd, name, self.idmap)
 
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
@@ -489,7 +499,7 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EPERM)  # read-only: recorded once, at mount
         node = self.table.get(inode)
         creds = self._who(ctx)
-        await self._run(creds, backing.setxattr, node.fd, name, value)
+        await self._run(creds, acl.setxattr, node.fd, name, value, self.idmap)
         if name in _ACL_NAMES and node.is_dir:
             await self._stat_dir_after_change(node, creds)
 

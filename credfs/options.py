@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from .cache import CacheMode
+from .idmap import IdMapError, IdMapping
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -58,6 +59,9 @@ class MountOptions:
     fsname: str | None = None
     subtype: str = "credfs"
     raw_o: list[str] = field(default_factory=list)
+    uid_map: str | None = None  # --uid-map / --gid-map as given; parsed into idmap
+    gid_map: str | None = None
+    idmap: IdMapping | None = None
 
     @property
     def read_only(self) -> bool:
@@ -104,6 +108,10 @@ def validate(opts: MountOptions) -> None:
         raise OptionError("--mounter only makes sense with --creds mounter")
     if opts.missing_groups not in ("deny", "nss"):
         raise OptionError(f"--missing-groups {opts.missing_groups}: must be deny or nss")
+    try:
+        opts.idmap = IdMapping.parse(opts.uid_map, opts.gid_map)
+    except IdMapError as exc:
+        raise OptionError(str(exc)) from None
     if opts.creds == "caller" and opts.default_permissions:
         raise OptionError("-o default_permissions: caller mode lets the backing filesystem "
                           "decide every permission; use --creds mounter for kernel checks")
