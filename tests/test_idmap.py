@@ -416,6 +416,21 @@ def test_mounter_mode_checks_the_mapped_view_and_creates_as_the_mapped_caller(
     assert stat.S_IMODE(os.stat(backing / "secret2").st_mode) == 0o600
 
 
+def test_mounter_mode_refuses_the_overflow_id_as_a_caller(
+        twin: tuple[Path, Path], mnt: Path, mount_credfs: Any, make_agent: Any) -> None:
+    """65534 stands for "unmapped" in the view: a caller that is 65534 would be
+    taken by the kernel's check for the owner of every unmapped file."""
+    backing, _ = twin
+    (backing / "public/nobodys").write_bytes(b"x")
+    os.chmod(backing / "public/nobodys", 0o600)  # owned by root: unmapped, shown as 65534
+    mount_credfs(*MAP_ARGS, "--creds", "mounter")
+    nobody = make_agent(OVERFLOW_ID, OVERFLOW_ID, [OVERFLOW_ID])
+    assert os.stat(mnt / "public/nobodys").st_uid == OVERFLOW_ID
+    assert nobody.do("read", str(mnt / "public/nobodys")) == ("err", 13)
+    assert nobody.do("chmod", str(mnt / "public/nobodys"), 0o666) == ("err", 13)
+    assert stat.S_IMODE(os.stat(backing / "public/nobodys").st_mode) == 0o600
+
+
 def test_no_map_is_the_identity(twin: tuple[Path, Path], mnt: Path, mount_credfs: Any,
                                 agents: dict[str, UserAgent]) -> None:
     mount_credfs()
