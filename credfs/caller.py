@@ -20,6 +20,7 @@ import pwd
 from typing import Protocol
 
 from .creds import CredentialError, Credentials
+from .idmap import IdMapping
 
 
 class RequestContext(Protocol):
@@ -104,17 +105,36 @@ def from_group_database(ctx: RequestContext) -> Credentials:
     return Credentials(ctx.uid, ctx.gid, groups, 0)
 
 
+def to_backing(creds: Credentials, idmap: IdMapping) -> Credentials:
+    """The caller's view ids (as the request and /proc show them) -> backing ids.
+
+    A caller whose uid or gid has no backing id cannot be given an identity on
+    the backing store: refused. Supplementary groups without one are dropped
+    (the caller simply is not in any backing group for them).
+    """
+    uid = idmap.uids.to_backing(creds.uid)
+    gid = idmap.gids.to_backing(creds.gid)
+    if uid is None or gid is None:
+        raise CredentialError(f"caller uid {creds.uid} gid {creds.gid} is outside the "
+                              f"mount's {idmap.describe()}")
+    groups = tuple(g for g in map(idmap.gids.to_backing, creds.groups) if g is not None)
+    return Credentials(uid, gid, groups, creds.caps)
+
+
 class CallerResolver:
     """Turns a request context into the credentials its backing operation uses."""
 
-    def __init__(self, permitted_caps: int, missing_groups: str = "deny") -> None:
+    def __init__(self, permitted_caps: int, missing_groups: str = "deny",
+                 idmap: IdMapping | None = None) -> None:
         self.permitted_caps = permitted_caps
         self.missing_groups = missing_groups
+        self.idmap = idmap
 
     def __call__(self, ctx: RequestContext) -> Credentials:
         try:
-            return from_proc(ctx, self.permitted_caps)
+            creds = from_proc(ctx, self.permitted_caps)
         except CredentialError:
-            if self.missing_groups == "nss":
-                return from_group_database(ctx)
-            raise
+            if self.missing_groups != "nss":
+                raise
+            creds = from_group_database(ctx)
+        return creds if self.idmap is None else to_backing(creds, self.idmap)

@@ -42,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--missing-groups", choices=("deny", "nss"), default="deny",
                    help="when a caller's groups cannot be read from /proc: deny (default) or "
                         "take them from the group database")
+    m.add_argument("--uid-map", metavar="MOUNT_ID:BACKING_ID:COUNT[,...]",
+                   help="map uids seen through the mount to backing uids (as uid_map); "
+                        "unmapped ids show as 65534 and cannot be used")
+    m.add_argument("--gid-map", metavar="MOUNT_ID:BACKING_ID:COUNT[,...]",
+                   help="the same for gids")
     m.add_argument("--foreground", "-f", action="store_true", help="do not daemonize")
     m.add_argument("--log-level", default="INFO",
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper)
@@ -82,7 +87,8 @@ def _options(args: argparse.Namespace) -> MountOptions:
         source=args.source, mountpoint=args.mountpoint, creds=args.creds or "caller",
         mounter=args.mounter, cache=CacheMode(args.cache), workers=args.workers,
         missing_groups=args.missing_groups, foreground=args.foreground,
-        log_level=args.log_level, log_file=args.log_file, policy=args.policy)
+        log_level=args.log_level, log_file=args.log_file, policy=args.policy,
+        uid_map=args.uid_map, gid_map=args.gid_map)
     for spec in args.o:
         parse_o(opts, spec)
     validate(opts)

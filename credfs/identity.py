@@ -11,6 +11,8 @@ mounter  the overlayfs model (override_creds): the kernel checks the caller
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import pwd
 from typing import Protocol
@@ -19,6 +21,9 @@ import pyfuse3
 
 from .caller import CallerResolver
 from .creds import CAP_FSETID, CAP_SETGID, CAP_SETUID, CredentialError, Credentials, cap_bit
+from .idmap import OVERFLOW_ID
+
+log = logging.getLogger(__name__)
 
 
 class IdentitySource(Protocol):
@@ -74,8 +79,19 @@ class MounterIdentity:
         # objects as the caller's fsuid/fsgid; one that may not owns them itself.
         need = cap_bit(CAP_SETUID) | cap_bit(CAP_SETGID)
         self.creates_as_caller = recorded.caps & need == need
+        # With an id map, 65534 in the view stands for "unmapped": the kernel,
+        # checking the caller against the view, would take a caller that *is*
+        # 65534 (nobody) for the owner of every unmapped file. Such callers are
+        # refused, unless the map gives 65534 a backing id of its own.
+        idmap = resolver.idmap
+        self.refuse_overflow = idmap is not None and (
+            idmap.uids.to_backing(OVERFLOW_ID) is None
+            or idmap.gids.to_backing(OVERFLOW_ID) is None)
 
     def backing_creds(self, ctx: pyfuse3.RequestContext) -> Credentials:
+        if self.refuse_overflow and OVERFLOW_ID in (ctx.uid, ctx.gid):
+            raise CredentialError(f"caller uid {ctx.uid} gid {ctx.gid}: the overflow id "
+                                  "stands for unmapped owners on this mount")
         return self.recorded
 
     def creator_creds(self, ctx: pyfuse3.RequestContext, creds: Credentials,
@@ -83,9 +99,19 @@ class MounterIdentity:
         if not self.creates_as_caller:
             return self.recorded
         r = self.recorded
+        uid, gid = ctx.uid, ctx.gid
+        idmap = self.resolver.idmap
+        if idmap is not None:
+            uid, gid = idmap.uids.to_backing(uid), idmap.gids.to_backing(gid)
+            if uid is None or gid is None:
+                # As the kernel refuses a create on an idmapped mount by a
+                # caller whose fsuid/fsgid it cannot map.
+                log.warning("refusing create by uid %d gid %d: outside the %s",
+                            ctx.uid, ctx.gid, idmap.describe())
+                raise pyfuse3.FUSEError(errno.EOVERFLOW)
         # The caller's fsgid; a setgid parent overrides it in the backing
         # filesystem exactly as it does in overlayfs' inode_init_owner().
-        return Credentials(ctx.uid, ctx.gid, r.groups, r.caps)
+        return Credentials(uid, gid, r.groups, r.caps)
 
     def kills_privileges(self, ctx: pyfuse3.RequestContext) -> bool:
         # As overlayfs decides it: by the caller's CAP_FSETID, not the mounter's.

@@ -72,7 +72,7 @@ def build_identity(opts: MountOptions, mounter: Credentials | None
     checks nothing, nothing is cached that a rule decides per caller) and the
     gate picks the credentials per request."""
     permitted = syscalls.capget_thread()[1]
-    resolver = CallerResolver(permitted, opts.missing_groups)
+    resolver = CallerResolver(permitted, opts.missing_groups, opts.idmap)
     if mounter is not None:
         mounter = Credentials(mounter.uid, mounter.gid, mounter.groups,
                               mounter.caps & permitted)
@@ -111,13 +111,14 @@ def serve(opts: MountOptions, ready: Ready) -> int:
         opts.default_permissions = True
     notifier = KernelNotifier(None)
     ops = Operations(table, pool, identity, cache, kernel_applies_umask=not is_root,
-                     notifier=notifier, gate=gate)
+                     notifier=notifier, gate=gate, idmap=opts.idmap)
 
     summary = (f"credfs: serving {os.path.abspath(opts.source)} at "
                f"{os.path.abspath(opts.mountpoint)}; {ops.describe()}; cache "
                f"{cache.mode.value} (timeout {cache.timeout:g}s); {opts.workers} workers; "
                f"up to ~{max(fd_limit - 64, 0)} inodes (RLIMIT_NOFILE {fd_limit}); "
-               f"capabilities kept: {', '.join(kept) or 'none'}")
+               f"capabilities kept: {', '.join(kept) or 'none'}"
+               + (f"; {opts.idmap.describe()}" if opts.idmap else ""))
     if is_root:
         fuse_fd = kernelmount.mount_fuse(opts, allow_other)
     try:

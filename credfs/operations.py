@@ -24,12 +24,13 @@ from typing import Any, TypeVar
 import pyfuse3
 from pyfuse3 import FUSEError
 
-from . import backing, caller, syscalls
+from . import acl, backing, caller, syscalls
 from .cache import CachePolicy, NameCache
 from .creds import CAP_DAC_READ_SEARCH, CAP_SYS_ADMIN, CredentialError, Credentials, cap_bit
 from .filters import FILTERS, FileView
 from .gate import Act, NeedsObject, PolicyGate, refuse_unknown_caller
 from .identity import IdentitySource
+from .idmap import IdMapping
 from .inodes import Inode, InodeTable
 from .notify import KernelNotifier
 from .policy import Decision, ObjectFacts
@@ -104,8 +105,10 @@ class Operations(pyfuse3.Operations):
 
     def __init__(self, table: InodeTable, pool: WorkerPool, identity: IdentitySource,
                  cache: CachePolicy, kernel_applies_umask: bool,
-                 notifier: KernelNotifier, gate: PolicyGate | None = None) -> None:
+                 notifier: KernelNotifier, gate: PolicyGate | None = None,
+                 idmap: IdMapping | None = None) -> None:
         super().__init__()
+        self.idmap = idmap  # None: ids pass unchanged (no cost per request)
         self.table = table
         self.pool = pool
         self.identity = identity
@@ -204,8 +207,11 @@ class Operations(pyfuse3.Operations):
         a.attr_timeout = self.cache.attr_timeout
         a.st_mode = st.st_mode
         a.st_nlink = st.st_nlink
-        a.st_uid = st.st_uid
-        a.st_gid = st.st_gid
+        if self.idmap is None:
+            a.st_uid, a.st_gid = st.st_uid, st.st_gid
+        else:
+            a.st_uid, a.st_gid = self.idmap.uids.to_view(st.st_uid), \
+                self.idmap.gids.to_view(st.st_gid)
         a.st_rdev = st.st_rdev
         a.st_size = st.st_size
         a.st_blksize = st.st_blksize
@@ -233,18 +239,18 @@ class Operations(pyfuse3.Operations):
         return self._attrs(inode, found.st, timeout)
 
     def _creator(self, ctx: pyfuse3.RequestContext, parent: Inode, name: bytes,
-                 is_dir: bool = False) -> Credentials:
-        act = self._act(ctx, "create", parent, name, ObjectFacts(is_dir, ctx.uid))
-        return act.source.creator_creds(ctx, act.creds, parent)
+                 is_dir: bool = False) -> tuple[Credentials, Act]:
+        act = self._act(ctx, "create", parent, name, ObjectFacts(is_dir, None, new=True))
+        return act.source.creator_creds(ctx, act.creds, parent), act
 
-    async def _created(self, ctx: pyfuse3.RequestContext, entry: pyfuse3.EntryAttributes
+    async def _created(self, act: Act, entry: pyfuse3.EntryAttributes
                        ) -> pyfuse3.EntryAttributes:
         """A new object: record its creator when the policy asks about owners
         (the record outlives the daemon: it is on the backing file)."""
         if self._records_owners():
             inode = self.table.get(entry.st_ino)
-            await self._run(_PROBE, backing.record_owner, inode.fd, ctx.uid)
-            inode.owner_uid = ctx.uid
+            await self._run(_PROBE, backing.record_owner, inode.fd, act.caller_uid)
+            inode.owner_uid = act.caller_uid
         return entry
 
     async def _stat_dir_after_change(self, node: Inode, creds: Credentials) -> None:
@@ -305,6 +311,11 @@ class Operations(pyfuse3.Operations):
                 or fields.update_atime or fields.update_mtime:
             ops.append("setattr")
         act = self._act_all(ctx, ops or ["setattr"], node)
+        if self.idmap is not None and (fields.update_uid or fields.update_gid):
+            try:
+                change.uid, change.gid = self.idmap.owner_to_backing(change.uid, change.gid)
+            except OSError as exc:
+                raise FUSEError(errno.EINVAL) from exc
         if change.size is not None:
             change.kill_privs = act.source.kills_privileges(ctx)
         creds = act.creds
@@ -357,28 +368,28 @@ class Operations(pyfuse3.Operations):
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.table.get(parent_inode)
-        creds = self._creator(ctx, parent, name)
+        creds, act = self._creator(ctx, parent, name)
         epoch = parent.search_epoch
         found = await self._run(creds, backing.mknod, parent.fd, name, mode, rdev,
                                 umask=self._umask(ctx))
-        return await self._created(ctx, self._enter(parent, name, found, epoch))
+        return await self._created(act, self._enter(parent, name, found, epoch))
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.table.get(parent_inode)
-        creds = self._creator(ctx, parent, name, is_dir=True)
+        creds, act = self._creator(ctx, parent, name, is_dir=True)
         epoch = parent.search_epoch
         found = await self._run(creds, backing.mkdir, parent.fd, name, mode,
                                 umask=self._umask(ctx))
-        return await self._created(ctx, self._enter(parent, name, found, epoch))
+        return await self._created(act, self._enter(parent, name, found, epoch))
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.table.get(parent_inode)
-        creds = self._creator(ctx, parent, name)
+        creds, act = self._creator(ctx, parent, name)
         epoch = parent.search_epoch
         found = await self._run(creds, backing.symlink, parent.fd, name, target)
-        return await self._created(ctx, self._enter(parent, name, found, epoch))
+        return await self._created(act, self._enter(parent, name, found, epoch))
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -418,7 +429,7 @@ class Operations(pyfuse3.Operations):
             if target is None:
                 (target,) = await self._run(_PROBE, backing.probe, old.fd, [name_old])
             need.request.act(need.op, need.path,
-                             ObjectFacts(*target) if target else ObjectFacts(False, ctx.uid))
+                             ObjectFacts(*target) if target else ObjectFacts(False, None, True))
         await self._run(creds, backing.rename, old.fd, name_old, new.fd, name_new, flags)
         exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
         if self.gate is not None:
@@ -480,13 +491,13 @@ class Operations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self.table.get(parent_inode)
-        act = self._act(ctx, "create", parent, name, ObjectFacts(False, ctx.uid))
+        act = self._act(ctx, "create", parent, name, ObjectFacts(False, None, new=True))
         creds = act.creds
         maker = act.source.creator_creds(ctx, creds, parent)
         epoch = parent.search_epoch
         fd, found = await self._run(maker, backing.create, parent.fd, name, flags, mode,
                                     umask=self._umask(ctx))
-        entry = await self._created(ctx, self._enter(parent, name, found, epoch))
+        entry = await self._created(act, self._enter(parent, name, found, epoch))
         handle = Handle(fd, creds, node=entry.st_ino,
                         kill_privs=act.source.kills_privileges(ctx))
         return self._file_info(self._new_handle(handle)), entry
@@ -664,8 +675,8 @@ class Operations(pyfuse3.Operations):
         if name.startswith(_RESERVED_XATTR_PREFIX):
             raise FUSEError(errno.ENODATA)
         node = self.table.get(inode)
-        return await self._run(self._act(ctx, "xattr", node).creds, backing.getxattr,
-                               node.fd, name)
+        return await self._run(self._act(ctx, "xattr", node).creds, acl.getxattr,
+                               node.fd, name, self.idmap)
 
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
@@ -674,7 +685,7 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EPERM)  # read-only: recorded once, at mount / by credfs
         node = self.table.get(inode)
         creds = self._act(ctx, "xattr", node).creds
-        await self._run(creds, backing.setxattr, node.fd, name, value)
+        await self._run(creds, acl.setxattr, node.fd, name, value, self.idmap)
         if name in _ACL_NAMES and node.is_dir:
             await self._stat_dir_after_change(node, creds)
 

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from .cache import CacheMode
+from .idmap import IdMapError, IdMapping
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -59,6 +60,9 @@ class MountOptions:
     subtype: str = "credfs"
     raw_o: list[str] = field(default_factory=list)
     policy: str | None = None  # path of the policy file
+    uid_map: str | None = None  # --uid-map / --gid-map as given; parsed into idmap
+    gid_map: str | None = None
+    idmap: IdMapping | None = None
 
     @property
     def read_only(self) -> bool:
@@ -108,6 +112,10 @@ def validate(opts: MountOptions) -> None:
                           "credentials its rules act with decide every permission")
     if opts.missing_groups not in ("deny", "nss"):
         raise OptionError(f"--missing-groups {opts.missing_groups}: must be deny or nss")
+    try:
+        opts.idmap = IdMapping.parse(opts.uid_map, opts.gid_map)
+    except IdMapError as exc:
+        raise OptionError(str(exc)) from None
     if opts.creds == "caller" and opts.default_permissions:
         raise OptionError("-o default_permissions: caller mode lets the backing filesystem "
                           "decide every permission; use --creds mounter for kernel checks")

@@ -49,7 +49,14 @@ def restrict(mode: str) -> list[str]:
     caps = [_cap(n) for n in keep]
     # Order matters: the bounding set needs setpcap still effective, and the
     # effective set must shrink before the permitted set may.
-    prctl.capbset.limit(*caps)
+    if _cap("setpcap") in _current_effective():
+        prctl.capbset.limit(*caps)
+    else:
+        # A container started with a minimal capability set has no CAP_SETPCAP,
+        # and dropping from the bounding set needs it. The bounding set only
+        # limits what an execve could gain, and no_new_privs below already
+        # keeps an execve from gaining anything.
+        log.info("no CAP_SETPCAP: capability bounding set left as it is")
     prctl.cap_effective.limit(*caps)
     prctl.cap_inheritable.limit()
     prctl.cap_permitted.limit(*caps)

@@ -12,8 +12,11 @@ PYTHON=${PYTHON:-python3}
 STAMP="$VENV/.credfs-setup"
 # fuse3: fusermount3 and the kernel glue; libfuse3-dev, pkg-config, gcc,
 # python3-dev: to build pyfuse3; libcap-dev: python-prctl; acl, attr: setfacl
-# and setfattr for tests; util-linux: mount, umount, setpriv.
-PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev libcap-dev acl attr util-linux)
+# and setfattr for tests; util-linux: mount, umount, setpriv, unshare; uidmap:
+# newuidmap/newgidmap for the rootless-container test; shellcheck: lints
+# containers/entrypoint.sh in the tests.
+PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev libcap-dev acl attr util-linux
+          uidmap shellcheck)
 
 say() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }

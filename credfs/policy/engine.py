@@ -77,6 +77,7 @@ class ObjectFacts:
     """What a rule may ask about the file a request is about."""
     is_dir: bool
     owner_uid: int | None  # the app (uid) recorded as its creator; None: none recorded
+    new: bool = False  # being created by this request: its owner will be the caller
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class Rule:
         if self.type is not None and (self.type == "dir") != obj.is_dir:
             return f"not a {'directory' if self.type == 'dir' else 'file'}"
         if self.owner is not None:
-            mine = obj.owner_uid is not None and obj.owner_uid == caller.uid
+            mine = obj.new or (obj.owner_uid is not None and obj.owner_uid == caller.uid)
             if (self.owner == "caller") != mine:
                 who = "nobody recorded" if obj.owner_uid is None else f"uid {obj.owner_uid}"
                 return f"owner is {who}, " + ("not the caller" if self.owner == "caller"
