@@ -135,6 +135,15 @@ class NameCache:
             for dst, dst_name in stranded:
                 pyfuse3.invalidate_entry_async(dst.node, dst_name, ignore_enoent=True)
 
+    def drop_everywhere(self, directories: list[CachedDir]) -> None:
+        """Invalidate every cached name (the rules that allowed caching changed)."""
+        if self.notifier.drop_all_entries():
+            for directory in directories:
+                directory.cached_names.clear()
+        else:
+            for directory in directories:
+                self._drop_all(directory)
+
     def _drop_all(self, directory: CachedDir) -> None:
         for name in directory.cached_names:
             pyfuse3.invalidate_entry_async(directory.node, name, ignore_enoent=True)

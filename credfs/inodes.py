@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 _PRIVATE_IDS_START = 1 << 62
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # one object per node: equal only to itself
 class Inode:
     node: int
     fd: int
@@ -169,6 +169,9 @@ class InodeTable:
                     del self._views[inode.key[:2]]
             if inode.fd >= 0:
                 os.close(inode.fd)
+
+    def directories_with_cached_names(self) -> list[Inode]:
+        return [i for i in self._by_node.values() if i.cached_names]
 
     def close_all(self) -> None:
         for inode in self._by_node.values():

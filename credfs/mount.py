@@ -149,7 +149,7 @@ async def _main(ops: Operations, pool: WorkerPool, opts: MountOptions, via_fuser
                 ready: Ready, summary: str, early_signals: list[int]) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(_stop_on_signal, opts.mountpoint, via_fusermount, early_signals)
-        await nursery.start(_reload_on_sighup, ops.gate)
+        await nursery.start(_reload_on_sighup, ops)
         await _serve(ops, pool, opts, ready, summary)
         nursery.cancel_scope.cancel()
 
@@ -165,9 +165,10 @@ async def _serve(ops: Operations, pool: WorkerPool, opts: MountOptions, ready: R
         pool.stop()
 
 
-async def _reload_on_sighup(gate: PolicyGate | None,
+async def _reload_on_sighup(ops: Operations,
                             task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                             ) -> None:
+    gate = ops.gate
     with trio.open_signal_receiver(signal.SIGHUP) as signals:
         task_status.started()
         async for _ in signals:
@@ -179,6 +180,7 @@ async def _reload_on_sighup(gate: PolicyGate | None,
             new = await trio.to_thread.run_sync(gate.load_new)
             if new is not None:
                 gate.install(new)
+                ops.policy_changed()
 
 
 async def _stop_on_signal(mountpoint: str, via_fusermount: bool, early_signals: list[int],

@@ -96,6 +96,7 @@ class Handle:
     decide: Callable[[bytes, ObjectFacts | None], Decision] | None = None
     owners: dict[bytes, int | None] | None = None  # readdir: recorded owners of entries
     listed_views: dict[bytes, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    listed_refused: set[bytes] = dataclasses.field(default_factory=set)  # listed, lookup denied
 
 
 class Operations(pyfuse3.Operations):
@@ -160,9 +161,20 @@ class Operations(pyfuse3.Operations):
         acts = [self._act(ctx, op, node) for op in ops]  # each raises when refused
         return acts[0]
 
-    def _shared(self, node: Inode, name: bytes) -> bool:
+    def _shared(self, node: Inode, name: bytes, st: os.stat_result) -> bool:
         """Would every caller get the same policy decision looking up name?"""
-        return self.gate is None or self.gate.policy.lookup_uniform(self.table.path(node, name))
+        if self.gate is None:
+            return True
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            # Node operations are decided by the path the file was last looked
+            # up by: a file with several names must be looked up afresh by name.
+            return False
+        return self.gate.policy.lookup_uniform(self.table.path(node, name))
+
+    def policy_changed(self) -> None:
+        """A new policy is in force: names the kernel cached under the old one
+        must be asked about again."""
+        self.names.drop_everywhere(self.table.directories_with_cached_names())
 
     async def _run(self, creds: Credentials, fn: Callable[..., T], *args: Any,
                    umask: int = 0) -> T:
@@ -234,7 +246,7 @@ class Operations(pyfuse3.Operations):
         # that decides this name per caller forbids caching it: walks through
         # cached names never reach the policy.
         public = (found.parent_public or self.identity.kernel_checks_permissions) \
-            and self._shared(parent, name)
+            and self._shared(parent, name, found.st)
         timeout = self.names.entry_timeout(parent, name, public, epoch)
         return self._attrs(inode, found.st, timeout)
 
@@ -575,6 +587,11 @@ class Operations(pyfuse3.Operations):
                     if item.errno == errno.ENOENT or not entry.type_bits:
                         continue  # gone since it was listed
                     attrs = self._placeholder_attrs(entry.type_bits)
+                elif entry.name in h.listed_refused:
+                    # Listed, but the opener may not look it up: no node the
+                    # kernel could walk through, as for an unsearchable parent.
+                    os.close(item.fd)
+                    attrs = self._placeholder_attrs(stat.S_IFMT(item.st.st_mode))
                 else:
                     view = h.listed_views.get(entry.name, ()) \
                         if stat.S_ISREG(item.st.st_mode) else ()
@@ -604,6 +621,7 @@ class Operations(pyfuse3.Operations):
             facts = dict(zip(names, found, strict=True))
         visible = []
         h.listed_views = {}
+        h.listed_refused = set()
         for e in entries:
             f = facts.get(e.name)
             if e.name in facts and f is None:
@@ -612,7 +630,9 @@ class Operations(pyfuse3.Operations):
             decision = h.decide(e.name, ObjectFacts(*f) if f else None)
             if not decision.hides and not decision.needs_object:
                 visible.append(e)
-                if decision.allow and decision.filters:
+                if not decision.allow:
+                    h.listed_refused.add(e.name)
+                elif decision.filters:
                     h.listed_views[e.name] = decision.filters
         owners = {n: f[1] for n, f in facts.items() if f} if probe_all else None
         return visible, owners

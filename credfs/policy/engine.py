@@ -226,6 +226,10 @@ class Policy:
             self._facts[key] = facts
         return facts
 
+    def candidates(self, path: str) -> tuple[Rule, ...]:
+        """The rules that may match path, in file order (indexed by first segment)."""
+        return self._candidates(path)
+
     def _candidates(self, path: str) -> tuple[Rule, ...]:
         return self._by_first.get(path.partition("/")[0], self._wild)
 
@@ -286,16 +290,18 @@ class Policy:
         return self._default
 
     def lookup_uniform(self, path: str) -> bool:
-        """Does looking up path get the same decision for every caller? Only
-        then may the kernel cache the name for all callers (its dentry cache
-        is shared, and walks through cached names do not ask us)."""
+        """Is looking up path allowed to every caller alike? Only then may the
+        kernel cache the name for all callers (its dentry cache is shared, and
+        walks through cached names do not ask us)."""
         uniform = self._uniform.get(path)
         if uniform is None:
-            uniform = True
+            uniform = self.defaults.allow
             for rule in self._candidates(path):
                 if "lookup" not in rule.ops or rule.match(path) is None:
                     continue
-                uniform = rule.who is None and rule.owner is None and \
+                # Only an allow may be cached: a refused name must be asked about
+                # on every walk, or walks through it would skip the refusal.
+                uniform = rule.allow and rule.who is None and rule.owner is None and \
                     not any(p.placeholders for p in rule.patterns)
                 if not uniform or rule.type is None:
                     break

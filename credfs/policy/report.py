@@ -92,13 +92,11 @@ def explain(args: argparse.Namespace, out: TextIO) -> int:
     out.write(f"request:  {args.op} {path or '.'!r} by uid={args.uid} ({user}) gid={gid} "
               f"groups={','.join(map(str, groups))}; app: {app}; permissions: {perms}\n")
     decision = policy.default_decision()
-    considered = 0
     for d, (rule, why) in policy.trace(args.op, path, facts):
-        considered += 1
         out.write(f"  {rule.label}: {why}\n")
         if d is not None:
             decision = d
-    skipped = len(policy.rules) - considered
+    skipped = len(policy.rules) - len(policy.candidates(path))
     if skipped:
         out.write(f"  ({skipped} rule{'s' if skipped != 1 else ''} for other top-level "
                   "names not considered)\n")
