@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno as errno_mod
 import pwd
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -95,6 +96,18 @@ class Rule:
     type: str | None = None  # "dir" | "file" (anything else)
     owner: str | None = None  # "caller" | "other" (recorded creator is / is not the caller)
 
+    def __post_init__(self) -> None:
+        # Fast path for decide(): all patterns in one regex when nothing is bound,
+        # and the decision this rule makes, built once.
+        combined = None
+        if not any(p.placeholders for p in self.patterns):
+            combined = re.compile("|".join(f"(?:{p.regex.pattern})" for p in self.patterns),
+                                  re.DOTALL)
+        object.__setattr__(self, "combined", combined)
+        object.__setattr__(self, "decision", Decision(self.allow, self.errno, self.creds,
+                                                      self.filters, self))
+        object.__setattr__(self, "who_set", frozenset(self.who or ()))
+
     @property
     def needs_object(self) -> bool:
         return self.type is not None or self.owner is not None
@@ -109,6 +122,14 @@ class Rule:
             if bindings is not None:
                 return bindings
         return None
+
+    def object_matches(self, obj: ObjectFacts, caller: CallerFacts) -> bool:
+        if self.type is not None and (self.type == "dir") != obj.is_dir:
+            return False
+        if self.owner is not None:
+            mine = obj.new or (obj.owner_uid is not None and obj.owner_uid == caller.uid)
+            return (self.owner == "caller") == mine
+        return True
 
     def object_mismatch(self, obj: ObjectFacts, caller: CallerFacts) -> str | None:
         if self.type is not None and (self.type == "dir") != obj.is_dir:
@@ -151,6 +172,7 @@ class CallerFacts:
     groups: tuple[int, ...]
     packages: frozenset[str] = frozenset()
     permissions: frozenset[str] = frozenset()
+    identities: frozenset[str] = frozenset()  # the policy's identities this caller is
 
     @property
     def user(self) -> str | None:
@@ -221,6 +243,8 @@ class Policy:
         if facts is None:
             packages, perms = self.apps.of_uid(uid)
             facts = CallerFacts(uid, gid, groups, packages, perms)
+            names = frozenset(n for n, i in self.identities.items() if i.mismatch(facts) is None)
+            facts = CallerFacts(uid, gid, groups, packages, perms, names)
             if len(self._facts) >= _CACHE_LIMIT:
                 self._facts.clear()
             self._facts[key] = facts
@@ -249,12 +273,34 @@ class Policy:
         key = (op, path, caller, obj)
         decision = self._decisions.get(key)
         if decision is None:
-            decision = next((d for d, _why in self.trace(op, path, caller, obj) if d),
-                            self._default)
+            decision = self._first_match(op, path, caller, obj)
             if len(self._decisions) >= _CACHE_LIMIT:
                 self._decisions.clear()
             self._decisions[key] = decision
         return decision
+
+    def _first_match(self, op: str, path: str, caller: CallerFacts,
+                     obj: ObjectFacts | None) -> Decision:
+        """decide() without the cache: what trace() finds, without the words."""
+        for rule in self._candidates(path):
+            if op not in rule.ops:
+                continue
+            if rule.who is not None and caller.identities.isdisjoint(rule.who_set):
+                continue
+            if rule.combined is not None:
+                if rule.combined.fullmatch(path) is None:
+                    continue
+            else:
+                bindings = rule.match(path)
+                if bindings is None or caller.placeholder_mismatch(bindings):
+                    continue
+            if rule.needs_object:
+                if obj is None:
+                    return Decision(False, errno_mod.EACCES, "caller", (), rule, True)
+                if not rule.object_matches(obj, caller):
+                    continue
+            return rule.decision
+        return self._default
 
     def trace(self, op: str, path: str, caller: CallerFacts, obj: ObjectFacts | None = None
               ) -> Iterator[tuple[Decision | None, tuple[Rule, str]]]:
