@@ -39,9 +39,10 @@ unexpected exception (a bug here) zeroes the whole file for the same reason.
 from __future__ import annotations
 
 import logging
+import re
 
 from ._source import SPACE, ZERO, Found, Malformed, Source, normalize
-from .bmff import looks_like_bmff, scan_bmff
+from .bmff import is_box_chain, looks_like_bmff, scan_bmff
 from .jpeg import scan_jpeg
 from .tiff import is_tiff_header, walk_tiff
 
@@ -77,14 +78,32 @@ def location_ranges(fd: int, size: int) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
+# exiftool's last resort for a file it cannot identify: a JPEG or TIFF header
+# anywhere in its first KiB. A reader that does that must not find GPS we missed.
+_EMBEDDED = re.compile(rb"\xff\xd8\xff|MM\0\x2a|II\x2a\0")
+_SNIFF = 1024
+
+
 def _scan(src: Source, found: Found) -> None:
-    head = src.read(0, 12)
+    head = src.read(0, _SNIFF)
     if head.startswith(b"\xff\xd8\xff"):
         scan_jpeg(src, found, 0, src.size, 0)
     elif is_tiff_header(head):
-        try:
-            walk_tiff(src, found, 0, src.size, 0, scan_jpeg)
-        except Malformed:
-            found.zero(0, src.size)
-    elif looks_like_bmff(head):
+        _tiff(src, found, 0)
+    elif looks_like_bmff(head) or is_box_chain(src):
+        # The second test: a damaged first box type does not stop a reader that
+        # goes by the file name (exiftool does); a clean chain of boxes holding
+        # a known top-level box is a movie whatever its first four letters.
         scan_bmff(src, found)
+    elif m := _EMBEDDED.search(head):
+        if m.group() == b"\xff\xd8\xff":
+            scan_jpeg(src, found, m.start(), src.size - m.start(), 0)
+        else:
+            _tiff(src, found, m.start())
+
+
+def _tiff(src: Source, found: Found, base: int) -> None:
+    try:
+        walk_tiff(src, found, base, src.size - base, 0, scan_jpeg)
+    except Malformed:
+        found.zero(base, src.size)

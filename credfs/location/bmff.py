@@ -53,6 +53,19 @@ def looks_like_bmff(head: bytes) -> bool:
     return len(head) >= 8 and head[4:8] in TOP_LEVEL
 
 
+def is_box_chain(src: Source, max_boxes: int = 64) -> bool:
+    """Whether the file is a chain of top-level boxes, one of a known type."""
+    known = False
+    try:
+        for n, (_, typ, _, _, _) in enumerate(_boxes(src, 0, src.size, 0)):
+            if n >= max_boxes:
+                return False
+            known = known or typ in TOP_LEVEL
+    except Malformed:
+        return False
+    return known
+
+
 def scan_bmff(src: Source, found: Found) -> None:
     _walk(src, found, 0, src.size, 0, b"", frozenset())
 

@@ -3,6 +3,9 @@ APP1 Exif (GPS IFDs, see tiff.py), APP1 XMP and extended XMP (see xmp.py) and
 the secondary images an APP2 MPF index points to (each is a JPEG of its own,
 with its own Exif: gain maps, depth maps, multi-frame shots).
 
+Any other APP1 segment is zeroed: it is vendor data we do not parse (or a
+damaged Exif or XMP header that a lenient reader still accepts).
+
 Failure handling: a segment this walk cannot follow (a missing marker, a
 length running past the end) ends the walk and zeroes everything from that
 segment to the end of the JPEG - an unfollowable chain could hide an Exif
@@ -97,6 +100,12 @@ def _app1(src: Source, found: Found, start: int, end: int, depth: int,
         guid = head[len(XMP_EXT_NS) : len(XMP_EXT_NS) + 32]
         full, offset = struct.unpack(">II", src.exact(base + 32, 8))
         extended.setdefault(guid, []).append((base + 40, end - base - 40, full, offset))
+    else:
+        # Anything else in APP1 is vendor data we do not parse - or XMP under a
+        # damaged header, which exiftool still reads (it takes any APP1 that starts
+        # with "http" or holds "<exif:" or "<?xpacket"), or a TIFF block
+        # (Parrot). Not parsed means not known to be free of location: zeroed.
+        found.zero(start, end)
 
 
 def _extended_xmp(src: Source, found: Found,

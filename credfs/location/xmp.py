@@ -77,9 +77,9 @@ def xmp_location_spans(data: bytes) -> list[tuple[int, int]]:
         elif data.startswith(b"<![CDATA[", lt):
             if not stack:
                 raise Malformed("CDATA outside any element in an XMP packet")
-            end = _find(data, b"]]>", lt + 9) + 3
+            end = _unbroken(data, b"]]>", lt + 9) + 3
         elif data.startswith(b"<?", lt):
-            end = _find(data, b"?>", lt + 2) + 2
+            end = _unbroken(data, b"?>", lt + 2) + 2
         elif data.startswith(b"<!", lt):
             raise Malformed("DOCTYPE or declaration in an XMP packet")
         elif data.startswith(b"</", lt):
@@ -113,6 +113,16 @@ def _find(data: bytes, what: bytes, start: int) -> int:
     at = data.find(what, start)
     if at < 0:
         raise Malformed(f"unterminated markup in XMP (no {what!r})")
+    return at
+
+
+def _unbroken(data: bytes, what: bytes, start: int) -> int:
+    """_find for a PI or CDATA end, refusing a '<' before it: XML allows one
+    there, but a damaged terminator would make us skip properties up to some
+    later terminator that a lenient reader parses."""
+    at = _find(data, what, start)
+    if b"<" in data[start:at]:
+        raise Malformed(f"'<' inside a processing instruction or CDATA at {start} in XMP")
     return at
 
 

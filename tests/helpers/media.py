@@ -39,8 +39,11 @@ def exiftool_write(path: Path, *args: str) -> None:
 def exiftool_read(paths: Iterable[Path]) -> dict[str, dict]:
     """Every tag of each file, grouped (-G1), numeric (-n), embedded too (-ee)."""
     paths = [str(p) for p in paths]
-    out = run([EXIFTOOL, "-j", "-a", "-G1", "-n", "-ee", "-m", *paths], timeout=300)
-    return {d["SourceFile"]: d for d in json.loads(out)}
+    # exiftool exits 1 when some file has an error (a damaged one): it still reports.
+    out = run_bytes([EXIFTOOL, "-j", "-a", "-G1", "-n", "-ee", "-m", *paths], timeout=300,
+                    ok=(0, 1))
+    # A damaged file can hold any bytes in a string tag.
+    return {d["SourceFile"]: d for d in json.loads(out.decode("utf-8", "replace"))}
 
 
 def location_leaks(tags: dict) -> dict[str, object]:
@@ -49,7 +52,7 @@ def location_leaks(tags: dict) -> dict[str, object]:
     leaks = {}
     for k, v in tags.items():
         name = k.split(":")[-1]
-        s = json.dumps(v)
+        s = re.sub(r"[\x00-\x1f]", "", str(v))  # a control byte is not a place
         if LOCATION_TAG.search(name) and (
             re.search(r"[1-9]", s) or any(w in s for w in PLACE_WORDS)
         ):
@@ -197,8 +200,8 @@ def make_samples(d: Path) -> dict[str, Path]:
     return out
 
 
-def run_bytes(cmd: list[str], timeout: float = 120) -> bytes:
+def run_bytes(cmd: list[str], timeout: float = 120, ok: tuple[int, ...] = (0,)) -> bytes:
     p = subprocess.run(cmd, capture_output=True, timeout=timeout)
-    if p.returncode:
+    if p.returncode not in ok:
         raise RuntimeError(f"{cmd[0]} failed ({p.returncode}): {p.stderr[:500]!r}")
     return p.stdout
