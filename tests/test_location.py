@@ -8,6 +8,7 @@ the independent reader that says whether location is still there.
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -94,10 +95,12 @@ def test_only_the_ranges_change(corpus, name):
         assert red[s:e] == bytes((fill,)) * (e - s)
         pos = e
     assert red[pos:] == orig[pos:]
-    # Everything else exiftool reports is unchanged (titles, make, orientation...).
+    # Everything else exiftool reports is unchanged (titles, make, orientation...),
+    # but for an embedded thumbnail, whose own Exif is redacted (checked below).
     changed = {k for k, v in c["orig_tags"].items()
                if c["red_tags"].get(k) != v and not k.startswith(("System:", "Composite:"))
-               and k != "SourceFile" and not media.LOCATION_TAG.search(k.split(":")[-1])}
+               and k not in ("SourceFile", "IFD1:ThumbnailImage")
+               and not media.LOCATION_TAG.search(k.split(":")[-1])}
     assert changed == set()
 
 
@@ -197,6 +200,7 @@ def test_cache_keeps_one_view_per_version_and_finds_again_on_change(tmp_path):
     flt = SpanFilter("t", find_redactions, max_entries=8)
     p = tmp_path / "f.jpg"
     media.pillow_jpeg(p)
+    plain = p.read_bytes()
     fd = os.open(p, os.O_RDWR)
     try:
         assert flt.view(fd, os.fstat(fd)) is None  # no location yet
@@ -205,11 +209,12 @@ def test_cache_keeps_one_view_per_version_and_finds_again_on_change(tmp_path):
         fd = os.open(p, os.O_RDWR)
         v1 = flt.view(fd, os.fstat(fd))
         assert v1 is not None and flt.view(fd, os.fstat(fd)) is v1  # cached
-        # ... an in-place write changes mtime/ctime: the ranges are found again.
-        data = os.pread(fd, os.fstat(fd).st_size, 0)
-        os.pwrite(fd, b"\xff\xd8" + b"\0" * 10, 0)  # no longer a JPEG
+        # ... in-place writes change size/mtime/ctime: the ranges are found again.
+        with_gps = os.pread(fd, os.fstat(fd).st_size, 0)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, plain, 0)
         assert flt.view(fd, os.fstat(fd)) is None
-        os.pwrite(fd, data[:12], 0)
+        os.pwrite(fd, with_gps, 0)
         v2 = flt.view(fd, os.fstat(fd))
         assert v2 is not None and v2 is not v1 and v2.spans == v1.spans
     finally:
@@ -255,3 +260,192 @@ def test_non_regular_and_empty_files_have_no_view(tmp_path):
         assert flt.view(fd, os.fstat(fd)) is None
     finally:
         os.close(fd)
+
+
+# --- hostile and damaged input ----------------------------------------------------
+
+def _check_spans(spans, size):
+    pos = 0
+    for s, e, fill in spans:
+        assert pos <= s < e <= size and fill in (ZERO, SPACE)
+        pos = e
+
+
+def _redact_bytes(path: Path) -> bytes:
+    spans = _redactions(path)
+    data = bytearray(path.read_bytes())
+    _check_spans(spans, len(data))
+    for s, e, fill in spans:
+        data[s:e] = bytes((fill,)) * (e - s)
+    return bytes(data)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("seed", [1, 2])
+def test_damaged_files_leak_nothing_exiftool_finds(corpus, tmp_path, seed):
+    """Random byte damage in the metadata (the first 3 KB of a JPEG or TIFF, the
+    moov at the end of a movie): whatever exiftool still reads from the damaged
+    file, it reads no location from the redacted one. This is what fail-closed
+    buys: damage that stops our parser early must not hand exiftool the GPS."""
+    import random
+
+    rng = random.Random(seed)
+    pairs = []
+    for name, c in corpus.items():
+        data = c["orig"].read_bytes()
+        movie = name.endswith((".mp4", ".mov"))
+        window = min(len(data), 4000 if movie else 3000)
+        for k in range(30):
+            d = bytearray(data)
+            for _ in range(rng.choice((1, 1, 2, 4))):
+                i = rng.randrange(window)
+                i = len(d) - 1 - i if movie else i
+                d[i] = rng.choice((0, 0xFF, rng.randrange(256), d[i] ^ (1 << rng.randrange(8))))
+            p, r = tmp_path / f"{k}_{name}", tmp_path / f"r{k}_{name}"
+            p.write_bytes(d)
+            r.write_bytes(_redact_bytes(p))
+            pairs.append(r)
+    tags = media.exiftool_read(pairs)
+    leaks = {p.name: media.location_leaks(tags[str(p)]) for p in pairs}
+    assert {k: v for k, v in leaks.items() if v} == {}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", ["everything.jpg", "thumbnail_gps.jpg", "exiftool.mp4",
+                                  "ffmpeg_keys.mov", "gps.tif"])
+def test_truncated_files_leak_nothing(corpus, tmp_path, name):
+    data = corpus[name]["orig"].read_bytes()
+    cuts = sorted({*range(0, min(len(data), 4000), 97), *range(0, len(data), len(data) // 40),
+                   *range(max(0, len(data) - 4000), len(data), 89)})
+    outs = []
+    for cut in cuts:
+        p, r = tmp_path / f"{cut}_{name}", tmp_path / f"r{cut}_{name}"
+        p.write_bytes(data[:cut])
+        r.write_bytes(_redact_bytes(p))
+        outs.append(r)
+    tags = media.exiftool_read(outs)
+    leaks = {p.name: media.location_leaks(tags[str(p)]) for p in outs}
+    assert {k: v for k, v in leaks.items() if v} == {}
+
+
+def _tiff_ifd(entries, next_ifd=0, bo="<"):
+    out = struct.pack(bo + "H", len(entries))
+    for tag, typ, count, value in entries:
+        out += struct.pack(bo + "HHII", tag, typ, count, value)
+    return out + struct.pack(bo + "I", next_ifd)
+
+
+def _jpeg_with_exif(tiff: bytes) -> bytes:
+    app1 = b"Exif\0\0" + tiff
+    return (b"\xff\xd8" + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1
+            + b"\xff\xda\x00\x08" + b"\0" * 6 + b"scan data" + b"\xff\xd9")
+
+
+def _spans_of(tmp_path: Path, data: bytes, name="f"):
+    p = tmp_path / name
+    p.write_bytes(data)
+    return _redactions(p), p
+
+
+@pytest.mark.timeout(60)
+def test_looping_ifds_end_and_the_gps_is_zeroed(tmp_path):
+    # IFD0 at 8 links to itself as next IFD, as Exif IFD and as GPS IFD;
+    # the GPS IFD's next pointer leads back to IFD0.
+    ifd0 = _tiff_ifd([(0x8769, 4, 1, 8), (0x8825, 4, 1, 8 + 30)], next_ifd=8)
+    gps = _tiff_ifd([(2, 5, 3, 8 + 30 + 18), (4, 5, 3, 8 + 30 + 18)], next_ifd=8)
+    tiff = b"II*\0" + struct.pack("<I", 8) + ifd0 + gps + struct.pack("<6I", 48, 1, 51, 1, 30, 1)
+    spans, _ = _spans_of(tmp_path, _jpeg_with_exif(tiff))
+    base = 12
+    zeroed = {(s - base, e - base) for s, e, _ in spans}
+    # The GPS IFD and its value are zeroed; IFD0, reached again as "GPS" through the
+    # loop, is zeroed as well (an attacker's file loses what it linked).
+    assert (8, 8 + 30 + 18 + 24) in zeroed
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("entries", [
+    [(0x8825, 4, 1, 0xFFFFFFF0)],  # GPS IFD far outside the block
+    [(0x014A, 4, 0x7FFFFFFF, 8)],  # two billion SubIFDs
+    [(0x8825, 4, 1, 26)],          # a GPS IFD whose count runs past the block (below)
+])
+def test_absurd_offsets_and_counts_zero_the_exif_block(tmp_path, entries):
+    ifd0 = _tiff_ifd(entries)
+    tiff = b"MM\0*" + struct.pack(">I", 8) + _tiff_ifd(entries, bo=">")[:len(ifd0)]
+    tiff += b"\xff\xff" + b"\0" * 10  # at 26: an IFD claiming 65535 entries
+    data = _jpeg_with_exif(tiff)
+    spans, _ = _spans_of(tmp_path, data)
+    assert (12, 12 + len(tiff), ZERO) in spans  # the whole TIFF block, fail closed
+    assert data.endswith(b"scan data\xff\xd9")  # and nothing outside it
+
+
+def _box(typ: bytes, payload: bytes, large=False) -> bytes:
+    if large:
+        return struct.pack(">I4sQ", 1, typ, 16 + len(payload)) + payload
+    return struct.pack(">I4s", 8 + len(payload), typ) + payload
+
+
+XYZ = b"\0\x13\x15\xc7+48.8584+002.2945/"
+
+
+def test_large_and_to_end_box_sizes(tmp_path):
+    udta = _box(b"udta", _box(b"\xa9xyz", XYZ) + b"\0\0\0\0")  # QuickTime terminator
+    moov = _box(b"moov", udta, large=True)
+    tail = struct.pack(">I4s", 0, b"mdat") + b"media" * 100  # size 0: to end of file
+    data = _box(b"ftyp", b"qt  \0\0\0\0qt  ") + moov + tail
+    spans, _ = _spans_of(tmp_path, data)
+    at = data.index(XYZ)
+    assert spans == ((at, at + len(XYZ), ZERO),)
+
+
+@pytest.mark.timeout(60)
+def test_deep_nesting_is_bounded_and_fails_closed(tmp_path):
+    inner = _box(b"\xa9xyz", XYZ)
+    for _ in range(5000):
+        inner = _box(b"udta", inner)
+    data = _box(b"ftyp", b"isom\0\0\0\0isom") + _box(b"moov", inner)
+    spans, _ = _spans_of(tmp_path, data)
+    at = data.index(XYZ)
+    assert any(s <= at and at + len(XYZ) <= e for s, e, _ in spans)
+
+
+@pytest.mark.timeout(60)
+def test_a_million_boxes_exhaust_the_budget_and_fail_closed(tmp_path):
+    many = _box(b"free", b"") * 300_000
+    data = (_box(b"ftyp", b"isom\0\0\0\0isom") + _box(b"moov", many + _box(b"udta",
+            _box(b"\xa9xyz", XYZ))))
+    spans, _ = _spans_of(tmp_path, data)
+    at = data.index(XYZ)
+    assert any(s <= at and at + len(XYZ) <= e for s, e, _ in spans)
+
+
+def test_box_past_its_parent_zeroes_the_container(tmp_path):
+    bad = struct.pack(">I4s", 4000, b"\xa9xyz") + XYZ
+    udta = _box(b"udta", _box(b"\xa9nam", b"\0\3\0\0abc") + bad)
+    data = _box(b"ftyp", b"isom\0\0\0\0isom") + _box(b"moov", udta)
+    spans, _ = _spans_of(tmp_path, data)
+    start = data.index(b"udta") + 4
+    assert spans == ((start, len(data), ZERO),)
+
+
+@pytest.mark.parametrize("packet", [
+    b"<x:xmpmeta><rdf:RDF><rdf:Description><exif:GPSLatitude>48,51N</exif:GPSLatitude>",
+    b"<x:xmpmeta><!DOCTYPE x [<!ENTITY e 'GPS'>]><exif:GPSLatitude>1</exif:GPSLatitude>"
+    b"</x:xmpmeta>",
+    b"<?xpacket begin='' <x:xmpmeta><exif:GPSLatitude>48,51N</exif:GPSLatitude></x:xmpmeta>"
+    b"<?xpacket end='w'?>",
+    b"<x:xmpmeta>\0<exif:GPSLatitude>48</exif:GPSLatitude></x:xmpmeta>",
+])
+def test_xmp_this_scanner_cannot_follow_is_zeroed_whole(tmp_path, packet):
+    seg = b"http://ns.adobe.com/xap/1.0/\0" + packet
+    data = (b"\xff\xd8\xff\xe1" + struct.pack(">H", len(seg) + 2) + seg
+            + b"\xff\xda\x00\x02" + b"scan\xff\xd9")
+    spans, _ = _spans_of(tmp_path, data)
+    start = 6 + 29
+    assert spans == ((start, start + len(packet), ZERO),)
+
+
+def test_unrecognised_files_are_left_alone(tmp_path):
+    for i, data in enumerate([b"", b"plain text\n" * 1000, os.urandom(5000).replace(b"II*", b"")
+                              .replace(b"MM\0", b"").replace(b"\xff\xd8", b"")]):
+        spans, _ = _spans_of(tmp_path, data, f"u{i}")
+        assert spans == ()

@@ -3,6 +3,7 @@ the independent reader (for the location-redaction tests and benchmark)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -40,7 +41,8 @@ def exiftool_read(paths: Iterable[Path]) -> dict[str, dict]:
     """Every tag of each file, grouped (-G1), numeric (-n), embedded too (-ee)."""
     paths = [str(p) for p in paths]
     # exiftool exits 1 when some file has an error (a damaged one): it still reports.
-    out = run_bytes([EXIFTOOL, "-j", "-a", "-G1", "-n", "-ee", "-m", *paths], timeout=300,
+    # -b: binary values as "base64:..." rather than "(Binary data N bytes ...)".
+    out = run_bytes([EXIFTOOL, "-j", "-b", "-a", "-G1", "-n", "-ee", "-m", *paths], timeout=300,
                     ok=(0, 1))
     # A damaged file can hold any bytes in a string tag.
     return {d["SourceFile"]: d for d in json.loads(out.decode("utf-8", "replace"))}
@@ -52,6 +54,8 @@ def location_leaks(tags: dict) -> dict[str, object]:
     leaks = {}
     for k, v in tags.items():
         name = k.split(":")[-1]
+        if isinstance(v, str) and v.startswith("base64:"):
+            v = base64.b64decode(v[7:]).decode("latin-1")
         s = re.sub(r"[\x00-\x1f]", "", str(v))  # a control byte is not a place
         if LOCATION_TAG.search(name) and (
             re.search(r"[1-9]", s) or any(w in s for w in PLACE_WORDS)
