@@ -100,6 +100,16 @@ def _scan(src: Source, found: Found) -> None:
             scan_jpeg(src, found, m.start(), src.size - m.start(), 0)
         else:
             _tiff(src, found, m.start())
+    elif head[:2] in (b"II", b"MM"):
+        # A TIFF with a damaged magic number, which exiftool still reads when the
+        # name ends in .tif. We cannot tell it from a file that merely starts with
+        # those letters, so only a walk that succeeds counts (a gap: see README).
+        attempt = Found(src.size)
+        try:
+            walk_tiff(src, attempt, 0, src.size, 0, scan_jpeg, check_magic=False)
+        except Malformed:
+            return
+        found.spans.extend(attempt.spans)
 
 
 def _tiff(src: Source, found: Found, base: int) -> None:

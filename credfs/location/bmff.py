@@ -157,13 +157,13 @@ def _location_keys(src: Source, start: int, end: int) -> frozenset[int]:
     data = src.exact(start, end - start) if end - start <= MAX_XMP else b""
     if len(data) < 8:
         raise Malformed(f"'keys' box at {start} is too short or too large")
-    count = struct.unpack_from(">I", data, 4)[0]
-    if count > MAX_KEYS:
-        raise Malformed(f"'keys' box at {start} claims {count} keys")
-    out, off = set(), 8
-    for i in range(1, count + 1):
-        if off + 8 > len(data):
-            raise Malformed(f"'keys' entry {i} at {start + off} is truncated")
+    # The entry count is not trusted: exiftool reads entries to the end of the
+    # box whatever the count says, and so do we.
+    out, off, i = set(), 8, 0
+    while off < len(data):
+        i += 1
+        if i > MAX_KEYS or off + 8 > len(data):
+            raise Malformed(f"'keys' entry {i} at {start + off} is truncated or one too many")
         size = struct.unpack_from(">I", data, off)[0]
         if size < 8 or off + size > len(data):
             raise Malformed(f"'keys' entry {i} at {start + off} has size {size}")

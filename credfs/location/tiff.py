@@ -9,7 +9,8 @@ pointer tag (0x8825) in the IFD that links to it is kept: it carries no
 location, and keeping it leaves that IFD valid for every reader (it points to
 an empty GPS IFD). GPSInfo pointers are followed in every IFD reached (IFD0,
 the IFD chain, Exif, Interop and SubIFDs), and the thumbnail IFD's embedded
-JPEG is scanned too (it can carry Exif of its own).
+JPEG is scanned too (it can carry Exif of its own). An XMP packet in tag 700
+(XMLPacket) is redacted as in xmp.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import struct
 from collections.abc import Callable
 
 from ._source import Found, LimitExceeded, Malformed, Source
+from .xmp import xmp_location_spans
 
 GPS_IFD = 0x8825
 EXIF_IFD = 0x8769
@@ -25,10 +27,15 @@ INTEROP_IFD = 0xA005
 SUB_IFDS = 0x014A
 THUMB_OFFSET = 0x0201
 THUMB_LENGTH = 0x0202
+XMP_PACKET = 0x02BC  # XMP in a TIFF (and, rarely, in Exif)
+MAX_XMP = 4 << 20
 
 # Byte size of one value of each TIFF type (6.0 plus the Exif IFD type 13).
 TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
-_INT_FORMATS = {3: "H", 4: "I", 9: "i", 13: "I"}
+# Integer types a pointer may be read as: exiftool follows a GPSInfo pointer
+# whatever its declared type, so we read any integer type and refuse the rest.
+_INT_FORMATS = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i", 13: "I"}
+POINTERS = (GPS_IFD, EXIF_IFD, INTEROP_IFD, SUB_IFDS, THUMB_OFFSET, THUMB_LENGTH)
 
 MAX_IFDS = 256  # real files have 2-6; more is a loop or an attack
 
@@ -40,7 +47,7 @@ def is_tiff_header(head: bytes) -> bool:
 
 
 def walk_tiff(src: Source, found: Found, base: int, length: int, depth: int,
-              embedded_jpeg: EmbeddedJpeg | None = None) -> None:
+              embedded_jpeg: EmbeddedJpeg | None = None, check_magic: bool = True) -> None:
     """Zero every GPS IFD of the TIFF block [base, base+length). Malformed if broken."""
     head = src.exact(base, 8) if length >= 8 else b""
     if len(head) < 8:
@@ -52,7 +59,7 @@ def walk_tiff(src: Source, found: Found, base: int, length: int, depth: int,
     else:
         raise Malformed(f"no TIFF byte order mark at {base}")
     magic, first = struct.unpack(bo + "HI", head[2:8])
-    if magic != 42:  # BigTIFF (43) and anything else: not understood, so fail closed
+    if magic != 42 and check_magic:  # BigTIFF (43) and others: not understood, fail closed
         raise Malformed(f"TIFF magic {magic} at {base} is not 42")
 
     def u16(b: bytes, o: int) -> int:
@@ -96,12 +103,16 @@ def walk_tiff(src: Source, found: Found, base: int, length: int, depth: int,
                         raise Malformed(f"GPS value at {base + voff} overruns its block")
                     found.zero(base + voff, base + voff + size)
                 continue
-            if tag in (GPS_IFD, EXIF_IFD, INTEROP_IFD, SUB_IFDS) and typ in _INT_FORMATS and n:
+            if tag in POINTERS and n and typ not in _INT_FORMATS:
+                raise Malformed(f"IFD pointer tag {tag:#x} of type {typ} at {base + off}")
+            if tag in (GPS_IFD, EXIF_IFD, INTEROP_IFD, SUB_IFDS) and n:
                 for ptr in _ints(src, ifd, e, bo, typ, n, base, within):
                     queue.append((ptr, tag == GPS_IFD))
-            elif tag == THUMB_OFFSET and typ in _INT_FORMATS and n == 1:
+            elif tag == XMP_PACKET and size:
+                _xmp(src, found, base, ifd, e, bo, size, within)
+            elif tag == THUMB_OFFSET and n == 1:
                 thumb_off = _ints(src, ifd, e, bo, typ, 1, base, within)[0]
-            elif tag == THUMB_LENGTH and typ in _INT_FORMATS and n == 1:
+            elif tag == THUMB_LENGTH and n == 1:
                 thumb_len = _ints(src, ifd, e, bo, typ, 1, base, within)[0]
         # The next IFD in the chain. Behind a GPS IFD there is none in real files;
         # whatever an attacker links there is treated as GPS too.
@@ -125,3 +136,18 @@ def _ints(src: Source, ifd: bytes, e: int, bo: str, typ: int, n: int, base: int,
             raise Malformed(f"IFD pointer values at {base + voff} overrun their block")
         data = src.exact(base + voff, size)
     return [v & 0xFFFFFFFF for v in struct.unpack(bo + fmt * n, data)]
+
+
+def _xmp(src: Source, found: Found, base: int, ifd: bytes, e: int, bo: str, size: int,
+         within: Callable[[int, int], bool]) -> None:
+    """Blank the location properties of an XMP packet held in a TIFF tag."""
+    start = base + e + 8 if size <= 4 else base + struct.unpack_from(bo + "I", ifd, e + 8)[0]
+    if size > 4 and not within(start - base, size):
+        raise Malformed(f"XMP tag value at {start} overruns its TIFF block")
+    try:
+        if size > MAX_XMP:
+            raise Malformed(f"XMP tag value at {start} larger than {MAX_XMP} bytes")
+        for s, e2 in xmp_location_spans(src.exact(start, size)):
+            found.blank(start + s, start + e2)
+    except Malformed:
+        found.zero(start, start + size)

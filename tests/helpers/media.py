@@ -178,6 +178,11 @@ def _tiff_gps(p: Path) -> None:
     exiftool_write(p, *EXIF_GPS[:-1])
 
 
+def _tiff_xmp(p: Path) -> None:
+    _tiff_gps(p)
+    exiftool_write(p, *XMP_LOCATION)
+
+
 SAMPLES: dict[str, Callable[[Path], None]] = {
     "exif_ii.jpg": _jpeg_exif("II"),
     "exif_mm.jpg": _jpeg_exif("MM"),
@@ -187,6 +192,7 @@ SAMPLES: dict[str, Callable[[Path], None]] = {
     "thumbnail_gps.jpg": _jpeg_thumbnail_gps,
     "everything.jpg": _jpeg_everything,
     "gps.tif": _tiff_gps,
+    "xmp.tif": _tiff_xmp,
     "ffmpeg.mp4": _mp4_ffmpeg,
     "ffmpeg.mov": _mov_ffmpeg,
     "ffmpeg_keys.mov": _mov_ffmpeg_keys,
