@@ -449,3 +449,34 @@ def test_unrecognised_files_are_left_alone(tmp_path):
                               .replace(b"MM\0", b"").replace(b"\xff\xd8", b"")]):
         spans, _ = _spans_of(tmp_path, data, f"u{i}")
         assert spans == ()
+
+
+def test_keys_are_read_to_the_box_end_whatever_the_count(tmp_path):
+    key = b"com.apple.quicktime.location.ISO6709"
+    keys = _box(b"keys", struct.pack(">II", 0, 0)  # count 0, yet one entry follows
+                + struct.pack(">I4s", 8 + len(key), b"mdta") + key)
+    value = b"+48.8584+002.2945/"
+    item = _box(struct.pack(">I", 1), _box(b"data", struct.pack(">II", 1, 0) + value))
+    meta = _box(b"meta", _box(b"hdlr", b"\0" * 8 + b"mdta" + b"\0" * 13) + keys
+                + _box(b"ilst", item))
+    data = _box(b"ftyp", b"qt  \0\0\0\0qt  ") + _box(b"moov", meta)
+    spans, _ = _spans_of(tmp_path, data)
+    at = data.index(value)
+    assert spans == ((at, at + len(value), ZERO),)
+
+
+@pytest.mark.parametrize("typ, fmt", [(1, "B"), (6, "b"), (3, "H"), (2, None), (5, None)])
+def test_gps_pointer_of_any_integer_type_is_followed(tmp_path, typ, fmt):
+    """exiftool follows GPSInfo whatever its declared type: so do we, and a
+    type we cannot read as an offset zeroes the block."""
+    gps_at = 8 + 18
+    value = struct.pack("<B", gps_at) + b"\0\0\0" if fmt in ("B", "b") else \
+        struct.pack("<H", gps_at) + b"\0\0"
+    ifd0 = struct.pack("<H", 1) + struct.pack("<HHI", 0x8825, typ, 1) + value + b"\0" * 4
+    gps = _tiff_ifd([(1, 2, 2, ord("N"))])
+    tiff = b"II*\0" + struct.pack("<I", 8) + ifd0 + gps
+    spans, _ = _spans_of(tmp_path, _jpeg_with_exif(tiff))
+    if fmt:
+        assert spans == ((12 + gps_at, 12 + gps_at + len(gps), ZERO),)
+    else:
+        assert spans == ((12, 12 + len(tiff), ZERO),)
