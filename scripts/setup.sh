@@ -14,9 +14,11 @@ STAMP="$VENV/.credfs-setup"
 # python3-dev: to build pyfuse3; libcap-dev: python-prctl; acl, attr: setfacl
 # and setfattr for tests; util-linux: mount, umount, setpriv, unshare; uidmap:
 # newuidmap/newgidmap for the rootless-container test; shellcheck: lints
-# containers/entrypoint.sh in the tests.
+# containers/entrypoint.sh in the tests; libimage-exiftool-perl, ffmpeg:
+# independent writers and reader of location metadata for the location-redaction
+# tests (tests/test_location.py).
 PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev libcap-dev acl attr util-linux
-          uidmap shellcheck)
+          uidmap shellcheck libimage-exiftool-perl ffmpeg)
 
 say() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
@@ -62,7 +64,7 @@ fi
 want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1) $("$VENV/bin/python" -V 2>&1)"
 installed_ok() {
     [[ -f $STAMP && $(cat "$STAMP") == "$want" && -x $VENV/bin/credfs ]] &&
-        (cd / && "$VENV/bin/python" -c 'import credfs, pyfuse3, trio, prctl, pytest, pytest_timeout, hypothesis' 2>/dev/null) &&
+        (cd / && "$VENV/bin/python" -c 'import credfs, pyfuse3, trio, prctl, pytest, pytest_timeout, hypothesis, PIL' 2>/dev/null) &&
         [[ -x $VENV/bin/ruff ]]
 }
 if installed_ok; then
