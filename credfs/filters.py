@@ -125,3 +125,26 @@ class SpanFilter:
 FILTERS: dict[str, ReadFilter] = {
     "redact-location": SpanFilter("redact-location", find_redactions),
 }
+
+_READ_ATTEMPTS = 3
+
+
+def filtered_pread(fd: int, offset: int, size: int, names: tuple[str, ...]) -> bytes:
+    """pread through the named filters, for the file version the bytes came from.
+
+    The version is taken before and after the read: a write in between could
+    pair new bytes with the old version's spans, so the read is retried, and
+    when the file keeps changing it reads as zeros (fail closed).
+    """
+    for _ in range(_READ_ATTEMPTS):
+        st = os.fstat(fd)
+        data = os.pread(fd, size, offset)
+        if version_key(os.fstat(fd)) == version_key(st):
+            break
+    else:
+        return bytes(len(data))
+    for name in names:
+        view = FILTERS[name].view(fd, st)
+        if view is not None:
+            data = view.apply(offset, data)
+    return data

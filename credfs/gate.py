@@ -29,6 +29,7 @@ class Act:
     source: IdentitySource  # asked who creates new objects and who kills setid bits
     filters: tuple[str, ...] = ()
     caller_uid: int = -1  # the caller's (backing) uid; owners are recorded as it
+    request: Request | None = None  # with a policy: for more decisions on the same request
 
 
 class FixedIdentity:
@@ -134,7 +135,7 @@ class Request:
             raise FUSEError(decision.errno)
         source = self.gate.source_for(decision.creds)
         creds = self.caller if source is self.gate.caller else source.backing_creds(self.ctx)
-        return Act(creds, source, decision.filters, self.caller.uid)
+        return Act(creds, source, decision.filters, self.caller.uid, self)
 
     def decision(self, op: str, path: str, obj: ObjectFacts | None = None) -> Decision:
         """The decision itself (needs_object set when obj is wanted)."""

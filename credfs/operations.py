@@ -24,10 +24,9 @@ from typing import Any, TypeVar
 import pyfuse3
 from pyfuse3 import FUSEError
 
-from . import acl, backing, caller, syscalls
+from . import acl, backing, caller, filters, syscalls
 from .cache import CachePolicy, NameCache
 from .creds import CAP_DAC_READ_SEARCH, CAP_SYS_ADMIN, CredentialError, Credentials, cap_bit
-from .filters import FILTERS, FileView
 from .gate import Act, NeedsObject, PolicyGate, refuse_unknown_caller
 from .identity import IdentitySource
 from .idmap import IdMapping
@@ -91,9 +90,9 @@ class Handle:
     kill_privs: bool = False  # writes must clear setuid/setgid (see IdentitySource)
     entries: list[backing.DirEntry] | None = None
     node: int = 0
-    views: tuple[FileView, ...] = ()  # data filters decided at open
+    filters: tuple[str, ...] = ()  # data filters decided at open, applied to every read
     # readdir: the opener's lookup decision for a name (needs_object: give the file)
-    decide: Callable[[bytes, ObjectFacts | None], Decision] | None = None
+    decide: Callable[[str, bytes, ObjectFacts | None], Decision] | None = None
     owners: dict[bytes, int | None] | None = None  # readdir: recorded owners of entries
     listed_views: dict[bytes, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     listed_refused: set[bytes] = dataclasses.field(default_factory=set)  # listed, lookup denied
@@ -279,10 +278,19 @@ class Operations(pyfuse3.Operations):
         epoch = parent.search_epoch
         found = await self._run(act.creds, backing.open_path, parent.fd, name)
         owner = await self._owner_of(found.fd) if self._records_owners() else None
-        view = act.filters if stat.S_ISREG(found.st.st_mode) else ()
+        view = self._read_view(act, parent, name, found.st, owner)
         entry = self._enter(parent, name, found, epoch, view)
         self.table.get(entry.st_ino).owner_uid = owner
         return entry
+
+    def _read_view(self, act: Act, parent: Inode, name: bytes, st: os.stat_result,
+                   owner: int | None) -> tuple[str, ...]:
+        """The filters this caller reads the file through: its node's view."""
+        if act.request is None or not stat.S_ISREG(st.st_mode):
+            return ()
+        d = act.request.decision("read", self.table.path(parent, name),
+                                 ObjectFacts(False, owner))
+        return d.filters if d.allow and not d.needs_object else ()
 
     async def _owner_of(self, fd: int) -> int | None:
         try:
@@ -465,6 +473,12 @@ class Operations(pyfuse3.Operations):
                    ) -> pyfuse3.FileInfo:
         node = self.table.get(inode)
         act = self._act_all(ctx, _open_ops(flags), node)
+        if any(f not in node.view for f in act.filters):
+            # This caller must read through filters this node's page cache was
+            # not filled through (the policy changed since the lookup): the
+            # kernel retries an ESTALE open with a fresh lookup, which gives
+            # the node of the right view.
+            raise FUSEError(errno.ESTALE)
         creds = opener = act.creds
         if flags & backing.FMODE_EXEC and not self.identity.kernel_checks_permissions:
             # execve needs x, not r: check x as the caller, then open for the
@@ -480,18 +494,16 @@ class Operations(pyfuse3.Operations):
         handle = Handle(fd, creds, node=inode)
         if flags & os.O_ACCMODE != os.O_RDONLY:
             handle.kill_privs = act.source.kills_privileges(ctx)
-        filters = node.view + tuple(f for f in act.filters if f not in node.view)
-        if filters:
-            handle.views = await self._run(creds, _views, fd, filters)
+        handle.filters = node.view
+        if handle.filters and flags & os.O_ACCMODE != os.O_WRONLY:
+            # Find what to filter now, not on the first read (it is cached per
+            # file version).
+            await self._run(creds, filters.filtered_pread, fd, 0, 0, handle.filters)
         fi = self._file_info(self._new_handle(handle))
         if node.view:
             # Its pages were filtered for an earlier version of the file, which
             # may have changed through the unfiltered node since.
             fi.keep_cache = False
-        if len(filters) > len(node.view):
-            # Filters this node's page cache does not have (a reload changed
-            # the decision): this open must bypass the cache, both ways.
-            fi.direct_io = True
         return fi
 
     def _file_info(self, fh: int) -> pyfuse3.FileInfo:
@@ -516,10 +528,9 @@ class Operations(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._handle(fh)
-        data = await self._run(h.creds, backing.read, h.fd, off, size)
-        for view in h.views:
-            data = view.apply(off, data)
-        return data
+        if h.filters:
+            return await self._run(h.creds, filters.filtered_pread, h.fd, off, size, h.filters)
+        return await self._run(h.creds, backing.read, h.fd, off, size)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         # As the opener: the kernel clears setuid bits on write unless the
@@ -555,9 +566,9 @@ class Operations(pyfuse3.Operations):
             act = request.act("list", path, ObjectFacts(node.is_dir, node.owner_uid))
             prefix = f"{path}/" if path else ""
 
-            def decide(name: bytes, obj: ObjectFacts | None) -> Decision:
-                return request.decision("lookup", prefix + name.decode("utf-8",
-                                                                      "surrogateescape"), obj)
+            def decide(op: str, name: bytes, obj: ObjectFacts | None) -> Decision:
+                return request.decision(op, prefix + name.decode("utf-8", "surrogateescape"),
+                                        obj)
         fd = await self._run(act.creds, backing.opendir, node.fd)
         return self._new_handle(Handle(fd, act.creds, node=inode, decide=decide))
 
@@ -612,7 +623,7 @@ class Operations(pyfuse3.Operations):
         """The entries the policy does not hide from the opener, and, when the
         policy asks about owners, each one's recorded owner."""
         assert h.decide is not None
-        undecided = [e.name for e in entries if h.decide(e.name, None).needs_object]
+        undecided = [e.name for e in entries if h.decide("lookup", e.name, None).needs_object]
         probe_all = self._records_owners()
         names = [e.name for e in entries] if probe_all else undecided
         facts: dict[bytes, tuple[bool, int | None] | None] = {}
@@ -627,13 +638,18 @@ class Operations(pyfuse3.Operations):
             if e.name in facts and f is None:
                 continue  # gone since it was listed
             # Every undecided name was probed: the decision is final now.
-            decision = h.decide(e.name, ObjectFacts(*f) if f else None)
-            if not decision.hides and not decision.needs_object:
-                visible.append(e)
-                if not decision.allow:
-                    h.listed_refused.add(e.name)
-                elif decision.filters:
-                    h.listed_views[e.name] = decision.filters
+            obj = ObjectFacts(*f) if f else None
+            decision = h.decide("lookup", e.name, obj)
+            if decision.hides or decision.needs_object:
+                continue
+            visible.append(e)
+            read = h.decide("read", e.name, obj)
+            if not decision.allow or (read.needs_object and not (f and f[0])):
+                # Listed, but no node for it: refused, or its view (data
+                # filters) would need a look at the file first.
+                h.listed_refused.add(e.name)
+            elif read.allow and not read.needs_object and read.filters:
+                h.listed_views[e.name] = read.filters
         owners = {n: f[1] for n, f in facts.items() if f} if probe_all else None
         return visible, owners
 
@@ -732,13 +748,6 @@ def _open_ops(flags: int) -> list[str]:
     if access != os.O_RDONLY or flags & os.O_TRUNC:
         ops.append("write")
     return ops
-
-
-def _views(fd: int, names: tuple[str, ...]) -> tuple[FileView, ...]:
-    """The data filters' views of the file open on fd, as it is now (in a worker)."""
-    st = os.fstat(fd)
-    views = (FILTERS[name].view(fd, st) for name in names)
-    return tuple(v for v in views if v is not None)
 
 
 # Guard every request handler (not the plumbing above, which they call).
