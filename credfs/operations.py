@@ -711,7 +711,8 @@ class Operations(pyfuse3.Operations):
         if name.startswith(_RESERVED_XATTR_PREFIX):
             raise FUSEError(errno.ENODATA)
         node = self.table.get(inode)
-        return await self._run(self._act(ctx, "xattr", node).creds, acl.getxattr,
+        # Reading extended attributes is seeing the file; "xattr" is changing them.
+        return await self._run(self._act(ctx, "lookup", node).creds, acl.getxattr,
                                node.fd, name, self.idmap)
 
     async def setxattr(self, inode: int, name: bytes, value: bytes,
@@ -727,7 +728,8 @@ class Operations(pyfuse3.Operations):
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         node = self.table.get(inode)
-        names = await self._run(self._act(ctx, "xattr", node).creds, backing.listxattr, node.fd)
+        names = await self._run(self._act(ctx, "lookup", node).creds, backing.listxattr,
+                                node.fd)
         return [n for n in names if not n.startswith(_RESERVED_XATTR_PREFIX)]
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
