@@ -129,6 +129,15 @@ FILTERS: dict[str, ReadFilter] = {
 _READ_ATTEMPTS = 3
 
 
+def prepare(fd: int, names: tuple[str, ...]) -> VersionKey:
+    """Find what the named filters change in the file's current version (at
+    open, so that the first read does not pay for it); that version."""
+    st = os.fstat(fd)
+    for name in names:
+        FILTERS[name].view(fd, st)
+    return version_key(st)
+
+
 def filtered_pread(fd: int, offset: int, size: int, names: tuple[str, ...]) -> bytes:
     """pread through the named filters, for the file version the bytes came from.
 

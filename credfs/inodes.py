@@ -49,6 +49,8 @@ class Inode:
     parent: Inode | None = None
     name: bytes = b""
     owner_uid: int | None = None  # the creator on record (policies that ask)
+    # A filtered view's node: the file version its page cache was filled from.
+    cached_version: tuple[int, ...] | None = None
 
     @property
     def is_dir(self) -> bool:

@@ -495,15 +495,15 @@ class Operations(pyfuse3.Operations):
         if flags & os.O_ACCMODE != os.O_RDONLY:
             handle.kill_privs = act.source.kills_privileges(ctx)
         handle.filters = node.view
-        if handle.filters and flags & os.O_ACCMODE != os.O_WRONLY:
-            # Find what to filter now, not on the first read (it is cached per
-            # file version).
-            await self._run(creds, filters.filtered_pread, fd, 0, 0, handle.filters)
         fi = self._file_info(self._new_handle(handle))
         if node.view:
-            # Its pages were filtered for an earlier version of the file, which
-            # may have changed through the unfiltered node since.
-            fi.keep_cache = False
+            # The filters' spans are found now, not on the first read. The page
+            # cache of this node holds filtered pages of the version it was
+            # filled from: keep it only if the file has not changed since
+            # (through the unfiltered node, or behind the mount).
+            version = await self._run(creds, filters.prepare, fd, node.view)
+            fi.keep_cache = self.cache.keep_page_cache and version == node.cached_version
+            node.cached_version = version
         return fi
 
     def _file_info(self, fh: int) -> pyfuse3.FileInfo:
