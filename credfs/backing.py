@@ -202,6 +202,49 @@ def probe(dir_fd: int, names: list[bytes]) -> list[tuple[bool, int | None] | Non
     return out
 
 
+def walk_tree(dir_fd: int, name: bytes, limit: int
+              ) -> list[tuple[str, bool, int | None]] | None:
+    """Everything below the directory name (relative path, is a directory,
+    recorded owner), or None when there are more than limit entries. Not a
+    directory: []. Walked by descriptors, never following symlinks."""
+    check_name(name)
+    try:
+        top = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP, errno.ENOENT):
+            return []
+        raise
+    out: list[tuple[str, bool, int | None]] = []
+    stack = [(top, "")]
+    try:
+        while stack:
+            fd, prefix = stack.pop()
+            try:
+                with os.scandir(fd) as it:
+                    entries = list(it)
+                for e in entries:
+                    if len(out) >= limit:
+                        return None
+                    rel = prefix + os.fsdecode(e.name)
+                    is_dir = e.is_dir(follow_symlinks=False)
+                    pfd = os.open(e.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                    try:
+                        out.append((rel, is_dir, read_owner(pfd)))
+                    finally:
+                        os.close(pfd)
+                    if is_dir:
+                        stack.append((os.open(e.name, os.O_RDONLY | os.O_DIRECTORY
+                                              | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd),
+                                      rel + "/"))
+            finally:
+                os.close(fd)
+    finally:
+        for fd, _prefix in stack:
+            os.close(fd)
+    return out
+
+
 def rename(old_dir_fd: int, old: bytes, new_dir_fd: int, new: bytes, flags: int) -> None:
     check_name(old)
     check_name(new)

@@ -67,6 +67,8 @@ _RESERVED_XATTR_PREFIX = b"trusted.credfs."
 # trusted.* needs CAP_SYS_ADMIN; search on the way, CAP_DAC_READ_SEARCH. What
 # it sees only feeds decisions.
 _PROBE = Credentials(0, 0, (0,), cap_bit(CAP_SYS_ADMIN) | cap_bit(CAP_DAC_READ_SEARCH))
+# Entries below a directory a policy mount checks before moving it (see rename).
+_MOVE_CHECK_LIMIT = 10_000
 
 
 def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -423,6 +425,10 @@ class Operations(pyfuse3.Operations):
         node = self.table.get(inode)
         parent = self.table.get(new_parent_inode)
         epoch = parent.search_epoch
+        # A new name for a file is a way to change it (a policy may give its
+        # callers everything under some names): like protected_hardlinks, only
+        # for a caller that may read and write it.
+        self._act_all(ctx, ["read", "write"], node)
         creds = self._act(ctx, "create", parent, new_name,
                           ObjectFacts(node.is_dir, node.owner_uid)).creds
         found = await self._run(creds, backing.link, node.fd, parent.fd, new_name)
@@ -457,8 +463,10 @@ class Operations(pyfuse3.Operations):
                 (target,) = await self._run(_PROBE, backing.probe, old.fd, [name_old])
             need.request.act(need.op, need.path,
                              ObjectFacts(*target) if target else ObjectFacts(False, None, True))
-        await self._run(creds, backing.rename, old.fd, name_old, new.fd, name_new, flags)
         exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
+        if self.gate is not None:
+            await self._check_moved_trees(ctx, old, name_old, new, name_new, exchange)
+        await self._run(creds, backing.rename, old.fd, name_old, new.fd, name_new, flags)
         if self.gate is not None:
             # Policies match paths: what moved is now known by its new name.
             for d, n in ((new, name_new), (old, name_old))[:2 if exchange else 1]:
@@ -473,6 +481,29 @@ class Operations(pyfuse3.Operations):
             for d in (old, new):
                 public[d.node] = (await self._run(creds, backing.stat_dir, d.fd))[1]
         self.names.renamed(old, name_old, new, name_new, public, exchange)
+
+    async def _check_moved_trees(self, ctx: pyfuse3.RequestContext, old: Inode,
+                                 name_old: bytes, new: Inode, name_new: bytes,
+                                 exchange: bool) -> None:
+        """Moving a directory moves everything in it: every file below must be
+        one the caller may rename, from where it is to where it would be (a
+        directory of one's own may hold what others own). A tree too large to
+        check is refused with EXDEV, so that mv moves it file by file."""
+        moves = [(old, name_old, new, name_new)]
+        if exchange:
+            moves.append((new, name_new, old, name_old))
+        assert self.gate is not None
+        request = self.gate.begin(ctx)
+        for src, src_name, dst, dst_name in moves:
+            tree = await self._run(_PROBE, backing.walk_tree, src.fd, src_name, _MOVE_CHECK_LIMIT)
+            if tree is None:
+                raise FUSEError(errno.EXDEV)
+            src_path = self.table.path(src, src_name)
+            dst_path = self.table.path(dst, dst_name)
+            for rel, is_dir, owner in tree:
+                obj = ObjectFacts(is_dir, owner)
+                request.act("rename", f"{src_path}/{rel}", obj)
+                request.act("rename", f"{dst_path}/{rel}", obj)
 
     # -- files ----------------------------------------------------------------
 
@@ -522,6 +553,13 @@ class Operations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self.table.get(parent_inode)
+        if self.gate is not None:
+            (existing,) = await self._run(_PROBE, backing.probe, parent.fd, [name])
+            if existing is not None:
+                return await self._create_existing(parent, name, flags, existing, ctx)
+            # Decided for a new file: it must be one (a file made meanwhile by
+            # someone else is not the caller's to open by creating it).
+            flags |= os.O_EXCL
         act = self._act(ctx, "create", parent, name, ObjectFacts(False, None, new=True))
         creds = act.creds
         maker = act.source.creator_creds(ctx, creds, parent)
@@ -532,6 +570,32 @@ class Operations(pyfuse3.Operations):
         handle = Handle(fd, creds, node=entry.st_ino,
                         kill_privs=act.source.kills_privileges(ctx))
         return self._file_info(self._new_handle(handle)), entry
+
+    async def _create_existing(self, parent: Inode, name: bytes, flags: int,
+                               existing: tuple[bool, int | None],
+                               ctx: pyfuse3.RequestContext
+                               ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        """open(O_CREAT) of a name that exists (the kernel may send CREATE
+        without asking first): an open of that file, decided on it. A name
+        hidden from the caller cannot be created either: EACCES, not EEXIST."""
+        try:
+            act = self._act(ctx, "lookup", parent, name, ObjectFacts(*existing))
+        except FUSEError as exc:
+            raise FUSEError(errno.EACCES if exc.errno == errno.ENOENT else exc.errno) from None
+        if flags & os.O_EXCL:
+            raise FUSEError(errno.EEXIST)
+        epoch = parent.search_epoch
+        found = await self._run(act.creds, backing.open_path, parent.fd, name)
+        view = self._read_view(act, parent, name, found.st, existing[1])
+        entry = self._enter(parent, name, found, epoch, view)
+        inode = self.table.get(entry.st_ino)
+        inode.owner_uid = existing[1]
+        try:
+            fi = await self.open(entry.st_ino, flags & ~(os.O_CREAT | os.O_EXCL), ctx)
+        except BaseException:
+            self.table.forget(entry.st_ino, 1)  # the kernel never got the entry
+            raise
+        return fi, entry
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._handle(fh)

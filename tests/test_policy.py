@@ -626,7 +626,7 @@ def _op_battery(base: str) -> list[tuple[set[str], str, tuple[Any, ...]]]:
         ({"lookup", "create"}, "write", (r("new"), b"n", CREATE)),
         ({"lookup", "create"}, "mkdir", (r("newd"),)),
         ({"lookup", "create"}, "symlink", (Lit("f"), r("newl"))),
-        ({"lookup", "create"}, "link", (r("f"), r("newh"))),
+        ({"lookup", "create", "read", "write"}, "link", (r("f"), r("newh"))),
         ({"lookup", "delete"}, "unlink", (r("u"),)),
         ({"lookup", "delete"}, "rmdir", (r("dd"),)),
         ({"lookup", "rename"}, "rename", (r("r"), r("r2"))),

@@ -10,6 +10,7 @@ into ("err", errno).
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 from typing import Any
 
@@ -367,3 +368,77 @@ def getdents_names(path: str) -> list[str]:
                 off += reclen
     finally:
         os.close(fd)
+
+
+# --- media provider: reads through filtered views (test_android_media) ---
+
+
+def pread_ranges(path: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+    """One open, then pread(length, offset) for each (offset, length) in order."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return [os.pread(fd, length, offset) for offset, length in ranges]
+    finally:
+        os.close(fd)
+
+
+def mmap_ranges(path: str, ranges: list[tuple[int, int]], shared: bool) -> list[bytes]:
+    """mmap the whole file read-only (MAP_SHARED or MAP_PRIVATE) and return the
+    (offset, length) slices, each read from the mapping (page faults, not read())."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        m = mmap.mmap(fd, size, flags=mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE,
+                      prot=mmap.PROT_READ)
+        try:
+            return [m[offset:offset + length] for offset, length in ranges]
+        finally:
+            m.close()
+    finally:
+        os.close(fd)
+
+
+def sendfile_read(path: str, offset: int, count: int) -> bytes:
+    """sendfile(2) count bytes from offset of path into a memfd; what arrived."""
+    fd = os.open(path, os.O_RDONLY)
+    out = os.memfd_create("sendfile")
+    try:
+        done = 0
+        while done < count:
+            n = os.sendfile(out, fd, offset + done, count - done)
+            if n == 0:
+                break
+            done += n
+        return os.pread(out, done, 0)
+    finally:
+        os.close(out)
+        os.close(fd)
+
+
+def copy_range(src: str, dst: str, offset: int, count: int) -> int:
+    """copy_file_range(2) count bytes from offset of src to the start of dst
+    (created, O_EXCL, 0o600); bytes copied."""
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            done = 0
+            while done < count:
+                n = os.copy_file_range(fd, out, count - done, offset + done, done)
+                if n == 0:
+                    break
+                done += n
+            return done
+        finally:
+            os.close(out)
+    finally:
+        os.close(fd)
+
+
+def run_output(argv: list[str], timeout: float = 120.0) -> tuple[int, bytes]:
+    """Run argv (no stdin) as this agent: (exit status, stdout)."""
+    import subprocess
+
+    p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
+                       check=False)
+    return p.returncode, p.stdout
