@@ -256,6 +256,31 @@ class Operations(pyfuse3.Operations):
         act = self._act(ctx, "create", parent, name, ObjectFacts(is_dir, None, new=True))
         return act.source.creator_creds(ctx, act.creds, parent), act
 
+    async def _make(self, ctx: pyfuse3.RequestContext, parent: Inode, name: bytes,
+                    is_dir: bool, make: Callable[..., backing.Found], *args: Any,
+                    umask: int = 0) -> pyfuse3.EntryAttributes:
+        """mknod, mkdir, symlink: made by the creator, entered, owner recorded."""
+        creds, act = self._creator(ctx, parent, name, is_dir)
+        epoch = parent.search_epoch
+        try:
+            found = await self._run(creds, make, parent.fd, name, *args, umask=umask)
+        except FUSEError as exc:
+            raise await self._taken(ctx, parent, name, exc) from None
+        return await self._created(act, self._enter(parent, name, found, epoch))
+
+    async def _taken(self, ctx: pyfuse3.RequestContext, parent: Inode, name: bytes,
+                     exc: FUSEError) -> FUSEError:
+        """A create failed: with a policy, EEXIST for a name hidden from the
+        caller would tell it is there; EACCES says no more than a refusal."""
+        if exc.errno != errno.EEXIST or self.gate is None:
+            return exc
+        try:
+            await self._act_named(ctx, "lookup", parent, name)
+        except FUSEError as hidden:
+            if hidden.errno == errno.ENOENT:
+                return FUSEError(errno.EACCES)
+        return exc
+
     async def _created(self, act: Act, entry: pyfuse3.EntryAttributes
                        ) -> pyfuse3.EntryAttributes:
         """A new object: record its creator when the policy asks about owners
@@ -397,28 +422,19 @@ class Operations(pyfuse3.Operations):
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.table.get(parent_inode)
-        creds, act = self._creator(ctx, parent, name)
-        epoch = parent.search_epoch
-        found = await self._run(creds, backing.mknod, parent.fd, name, mode, rdev,
+        return await self._make(ctx, parent, name, False, backing.mknod, mode, rdev,
                                 umask=self._umask(ctx))
-        return await self._created(act, self._enter(parent, name, found, epoch))
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.table.get(parent_inode)
-        creds, act = self._creator(ctx, parent, name, is_dir=True)
-        epoch = parent.search_epoch
-        found = await self._run(creds, backing.mkdir, parent.fd, name, mode,
+        return await self._make(ctx, parent, name, True, backing.mkdir, mode,
                                 umask=self._umask(ctx))
-        return await self._created(act, self._enter(parent, name, found, epoch))
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.table.get(parent_inode)
-        creds, act = self._creator(ctx, parent, name)
-        epoch = parent.search_epoch
-        found = await self._run(creds, backing.symlink, parent.fd, name, target)
-        return await self._created(act, self._enter(parent, name, found, epoch))
+        return await self._make(ctx, parent, name, False, backing.symlink, target)
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -431,7 +447,10 @@ class Operations(pyfuse3.Operations):
         self._act_all(ctx, ["read", "write"], node)
         creds = self._act(ctx, "create", parent, new_name,
                           ObjectFacts(node.is_dir, node.owner_uid)).creds
-        found = await self._run(creds, backing.link, node.fd, parent.fd, new_name)
+        try:
+            found = await self._run(creds, backing.link, node.fd, parent.fd, new_name)
+        except FUSEError as exc:
+            raise await self._taken(ctx, parent, new_name, exc) from None
         return self._enter(parent, new_name, found, epoch)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
