@@ -108,4 +108,43 @@ echo
 echo "demo: $CREDFS umount $MNT"
 "$CREDFS" umount "$MNT"
 is_mounted "$MNT" && { echo "demo: still mounted after credfs umount" >&2; exit 1; }
+
+# --- part 2: the Android-style media provider (policies/android-media.toml) ---
+MEDIA=$DEMO/media
+echo
+echo "demo: a media tree owned by the media service (uid 1023) in $MEDIA"
+mkdir -p "$MEDIA"/{DCIM,Pictures,Movies,Music,Download,Documents} "$MEDIA"/Android/{data,media,obb}
+chown -R 1023:1023 "$MEDIA"
+chmod -R 0770 "$MEDIA"
+cp "$ROOT/policies/android-media.toml" "$ROOT/policies/android-apps.list" "$DEMO/"
+echo "demo: apps (from android-apps.list):"
+grep -v '^#' "$DEMO/android-apps.list" | sed 's/^/  /'
+echo "demo: $CREDFS mount $MEDIA $MNT --mounter 1023:1023 --policy android-media.toml"
+"$CREDFS" mount "$MEDIA" "$MNT" --mounter 1023:1023 --policy "$DEMO/android-media.toml"
+
+app() { local uid=$1; shift; setpriv --reuid="$uid" --regid="$uid" --clear-groups -- "$@"; }
+# A photo with GPS, taken by the camera app (10001) through the mount.
+"$ROOT/.venv/bin/python" -c 'from PIL import Image; Image.new("RGB", (32, 24), (200, 60, 30)).save("/tmp/credfs-demo/photo.jpg")'
+exiftool -q -overwrite_original -GPSLatitude=48.8584 -GPSLatitudeRef=N \
+    -GPSLongitude=2.2945 -GPSLongitudeRef=E "$DEMO/photo.jpg"
+chmod 0644 "$DEMO/photo.jpg"
+app 10001 cp "$DEMO/photo.jpg" "$MNT/DCIM/eiffel.jpg"
+app 10001 mkdir "$MNT/Android/data/com.example.camera"
+app 10001 sh -c "echo 'camera settings' > $MNT/Android/data/com.example.camera/settings"
+gps() {
+    local g
+    g=$(app "$1" exiftool -s3 -GPSPosition "$MNT/DCIM/eiffel.jpg" 2>&1 | head -1)
+    echo "${g:-(none: location redacted)}"
+}
+echo "demo: what each app gets (the backing file is owned by $(stat -c %u "$MEDIA/DCIM/eiffel.jpg"))"
+printf '  %-22s ls DCIM: %-14s GPS: %-32s ls Android/data: %s\n' \
+    "camera (owner)" "$(app 10001 ls "$MNT/DCIM" | tr '\n' ' ')" "$(gps 10001)" \
+    "$(app 10001 ls "$MNT/Android/data" | tr '\n' ' ')"
+printf '  %-22s ls DCIM: %-14s GPS: %-32s ls Android/data: %s\n' \
+    "gallery (no location)" "$(app 10002 ls "$MNT/DCIM" | tr '\n' ' ')" \
+    "$(gps 10002)" "$(app 10002 ls "$MNT/Android/data" | tr '\n' ' ')"
+printf '  %-22s ls DCIM: %-14s\n' "notes (no media)" "$(app 10004 ls "$MNT/DCIM" | tr '\n' ' ')"
+echo "  gallery deletes the camera's photo: $(app 10002 rm "$MNT/DCIM/eiffel.jpg" 2>&1 | sed 's/.*: //' || true)"
+"$CREDFS" umount "$MNT"
+is_mounted "$MNT" && { echo "demo: still mounted after credfs umount" >&2; exit 1; }
 echo "demo: done"
