@@ -61,6 +61,9 @@ def restrict(mode: str) -> list[str]:
     prctl.cap_inheritable.limit()
     prctl.cap_permitted.limit(*caps)
     prctl.set_no_new_privs(True)
+    # No core dumps, no ptrace or /proc/PID/mem by anyone but root: the daemon
+    # holds other users' data and descriptors to the whole backing tree.
+    prctl.set_dumpable(False)
     kept = [n for n in keep if _cap(n) in _current_effective()]
     log.info("capabilities kept for %s mode: %s", mode, ", ".join(kept) or "none")
     return kept
