@@ -1,0 +1,234 @@
+"""Compare credfs with the native directory, mergerfs and bindfs on a RAM-backed ext4.
+
+As root, from the repository:
+
+    .venv/bin/python benchmarks/compare.py --out bench-results      # the full run
+    .venv/bin/python benchmarks/compare.py --quick                  # smoke: small sizes, 1 rep
+
+It builds a journaled ext4 on a loop device whose image lives in a tmpfs of its
+own, mounts every candidate on the same backing tree, and runs each workload
+on each candidate, interleaved and rotated so that drift hits all of them
+alike. It prints the median of the repetitions with the ratio to native's
+median, and the daemons' CPU time per operation; --out also writes
+results.csv and results.json. Every mount, loop device and process it made is
+removed at the end, also on an error, Ctrl-C or SIGTERM; a run killed outright
+is cleaned up by the next one. mergerfs, bindfs and fio are installed with
+apt-get when missing (unless --no-install).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+import time
+from typing import Any
+
+from harness import BenchError, cleanup, ramdisk, report, sysutil
+from harness.agents import Agent
+from harness.candidates import DEFAULT, SPECS, Candidate, start
+from harness.workloads import ALL, NAMES, UID_A, UID_B, Env, Sample, Sizes, Workload, prepare
+
+DEBIAN_PACKAGES = {"mergerfs": "mergerfs", "bindfs": "bindfs", "fio": "fio"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        sys.stderr.write(f"compare: {message}\n")
+        raise SystemExit(2)
+
+
+def _list(valid: tuple[str, ...], what: str) -> Any:
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in valid]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(bad) or '(none given)'};"
+                                             f" choose from {', '.join(valid)}")
+        return items
+    return parse
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = _Parser(prog="compare.py", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes (64 MiB files, 500 files) and 1 repetition: a smoke test")
+    p.add_argument("--reps", type=int, help="repetitions (default 3, 1 with --quick)")
+    p.add_argument("--candidates", type=_list(tuple(SPECS), "candidate"),
+                   default=list(DEFAULT),
+                   help=f"comma-separated, from: {', '.join(SPECS)} (default: "
+                        f"{','.join(DEFAULT)}; native is always included: the ratios need it)")
+    p.add_argument("--workloads", type=_list(NAMES, "workload"), default=list(NAMES),
+                   help=f"comma-separated subset of: {', '.join(NAMES)}")
+    p.add_argument("--files", type=int,
+                   help="files for the metadata and two-uid workloads (default 10000, "
+                        "500 with --quick)")
+    p.add_argument("--out", metavar="DIR", help="write results.csv and results.json there")
+    p.add_argument("--no-install", action="store_true",
+                   help="do not apt-get install missing mergerfs/bindfs/fio: fail instead")
+    p.add_argument("--clean", action="store_true",
+                   help="only remove what runs that died left behind (mounts, loop devices, "
+                        "processes, files), then exit")
+    p.add_argument("--timeout", type=float,
+                   help="seconds one step may take before the run is abandoned "
+                        "(default 900, 120 with --quick)")
+    a = p.parse_args(argv)
+    if a.reps is not None and a.reps < 1:
+        p.error("--reps must be at least 1")
+    if a.files is not None and a.files < 1:
+        p.error("--files must be at least 1")
+    if "native" not in a.candidates:
+        a.candidates.insert(0, "native")
+    return a
+
+
+def ensure_tools(tools: set[str], install: bool) -> None:
+    missing = sorted(t for t in tools if shutil.which(t) is None)
+    if not missing:
+        return
+    pkgs = [DEBIAN_PACKAGES[t] for t in missing]
+    if not install:
+        raise BenchError(f"missing {', '.join(missing)}: apt-get install {' '.join(pkgs)} "
+                         "(or leave out --no-install)")
+    sys.stderr.write(f"compare: installing {' '.join(pkgs)} with apt-get\n")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    argv = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "-q", *pkgs]
+    r = sysutil.run(argv, timeout=900, check=False, env=env)
+    if r.returncode != 0:  # perhaps stale package lists: update once and retry
+        sysutil.run(["apt-get", "-o", "DPkg::Lock::Timeout=300", "update", "-q"], timeout=600,
+                    check=False, env=env)
+        sysutil.run(argv, timeout=900, env=env)
+    still = [t for t in missing if shutil.which(t) is None]
+    if still:
+        raise BenchError(f"still missing after apt-get: {', '.join(still)}")
+
+
+def plan(reps: int, workloads: list[Workload], cands: list[Candidate]
+         ) -> list[tuple[int, Workload, Candidate]]:
+    """Every (rep, workload) runs on every candidate back to back, the order of the
+    candidates rotated by one each time, so no candidate always goes first."""
+    steps = []
+    n = len(cands)
+    for rep in range(reps):
+        for wi, w in enumerate(workloads):
+            k = (rep * len(workloads) + wi) % n
+            steps += [(rep, w, c) for c in cands[k:] + cands[:k]]
+    return steps
+
+
+def _elapsed(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s"
+
+
+def run(args: argparse.Namespace, clean: cleanup.Cleanup, meta: dict[str, Any]) -> int:
+    sizes = Sizes.quick(args.files) if args.quick else (
+        Sizes(meta_files=args.files, two_uid_files=args.files) if args.files else Sizes())
+    reps = args.reps or (1 if args.quick else 3)
+    timeout = args.timeout or (120 if args.quick else 900)
+    workloads = [cls(sizes) for cls in ALL if cls.name in args.workloads]
+    specs = [SPECS[c] for c in args.candidates]
+    tools = {t for s in specs if (t := s.tool)} | {t for w in workloads for t in w.tools}
+    ensure_tools(tools, not args.no_install)
+    meta["machine"] = report.machine()
+    run_dir = cleanup.new_run_dir()
+    meta["run_dir"] = run_dir
+    sys.stderr.write(f"compare: run directory {run_dir}\n")
+    # Pushed first, so it runs last: whatever the specific undos missed.
+    clean.push(f"tear down {run_dir}", lambda: _tear_down(run_dir))
+    image = sizes.read_file + max(w.space(sizes) for w in workloads) + (384 << 20)
+    disk = ramdisk.make(run_dir, image, clean)
+    meta["backing_store"] = disk.describe
+    backing = os.path.join(disk.mountpoint, "tree")
+    os.mkdir(backing, 0o755)
+    agents = {uid: Agent(uid, uid) for uid in (UID_A, UID_B)}
+    for a in agents.values():
+        clean.push(f"stop agent uid {a.uid}", a.close)
+    env = Env(disk.mountpoint, disk.loop, backing, agents, sizes, timeout)
+    report.progress("preparing the backing tree")
+    prepare(env)
+    mnt_dir = os.path.join(run_dir, "mnt")
+    os.mkdir(mnt_dir, 0o755)
+    cands = []
+    for spec in specs:
+        report.progress(f"mounting {spec.name}")
+        cands.append(start(spec, backing, mnt_dir, clean))
+    meta["candidates"] = {s.name: s.describe for s in specs}
+    meta["sizes"] = sizes.__dict__
+    meta["reps"] = reps
+
+    samples: list[Sample] = []
+    steps = plan(reps, workloads, cands)
+    t0 = time.monotonic()
+    for i, (rep, w, cand) in enumerate(steps, 1):
+        report.progress(f"[{i}/{len(steps)}] rep {rep + 1}/{reps}  {w.name:<11} on {cand.name:<20} "
+                        f"{_elapsed(time.monotonic() - t0)} elapsed")
+        for row, m in w.run(env, cand):
+            samples.append(Sample(rep, w.name, row.name, cand.name, m.ops, m.seconds, m.cpu,
+                                  m.device_read))
+    report.end_progress()
+    meta["load_average_end"] = os.getloadavg()
+    rows = [(w.name, r) for w in workloads for r in w.rows]
+    names = [c.name for c in cands]
+    summary = report.summarize(samples, rows, names)
+    m = meta["machine"]
+    print(f"\ncredfs comparison, {reps} repetition(s); backing store: {disk.describe}")
+    print(f"machine: {report.machine_line(m)}")
+    print("candidates: " + "; ".join(f"{k} = {v}" for k, v in meta["candidates"].items()))
+    print(f"load average at start {meta['load_average_start'][0]:.2f}, "
+          f"at end {meta['load_average_end'][0]:.2f}\n")
+    print(report.tables(summary, rows, names))
+    if args.out:
+        meta["total_seconds"] = time.monotonic() - meta["_t0"]
+        report.write(args.out, samples, summary, {k: v for k, v in meta.items()
+                                                  if not k.startswith("_")})
+        print(f"\nwrote {args.out}/results.csv and {args.out}/results.json")
+    return 0
+
+
+def _tear_down(run_dir: str) -> None:
+    left = cleanup.tear_down(run_dir)
+    if left:
+        raise BenchError("could not remove " + ", ".join(left))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        sys.stderr.write("compare: run as root: it mounts filesystems, makes a loop device "
+                         "and runs workloads as other uids\n")
+        return 2
+    meta: dict[str, Any] = {"_t0": time.monotonic(), "load_average_start": os.getloadavg(),
+                            "command": " ".join(sys.argv)}
+    clean = cleanup.Cleanup()
+    cleanup.catch_signals()
+    rc = 1
+    try:
+        for d in cleanup.sweep_dead_runs():
+            sys.stderr.write(f"compare: removed what a dead run left in {d}\n")
+        rc = 0 if args.clean else run(args, clean, meta)
+    except BenchError as e:
+        report.end_progress()
+        sys.stderr.write(f"compare: error: {e}\n")
+    except cleanup.Interrupted as e:
+        report.end_progress()
+        sys.stderr.write(f"compare: {e}: stopping and cleaning up\n")
+        rc = 128 + e.signum
+    finally:
+        cleanup.ignore_signals()
+        clean.run_all()
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_DFL)
+    run_dir = meta.get("run_dir")
+    if run_dir and (sysutil.mounts_under(run_dir) or sysutil.loop_devices_under(run_dir)
+                    or cleanup.orphan_loops()):
+        sys.stderr.write(f"compare: error: mounts or loop devices left under {run_dir}\n")
+        rc = rc or 1
+    sys.stderr.write(f"compare: total time {_elapsed(time.monotonic() - meta['_t0'])}\n")
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
