@@ -19,7 +19,9 @@ apt-get when missing (unless --no-install).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -64,7 +66,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"comma-separated subset of: {', '.join(NAMES)}")
     p.add_argument("--files", type=int,
                    help="files for the metadata and two-uid workloads (default 10000, "
-                        "500 with --quick)")
+                        "500 with --quick; the two uids make half each)")
+    p.add_argument("--mergerfs-options", metavar="OPTS",
+                   help="mergerfs -o options instead of the built-in fastest safe set")
+    p.add_argument("--bindfs-options", metavar="OPTS",
+                   help="bindfs -o options instead of the built-in big_writes")
     p.add_argument("--out", metavar="DIR", help="write results.csv and results.json there")
     p.add_argument("--no-install", action="store_true",
                    help="do not apt-get install missing mergerfs/bindfs/fio: fail instead")
@@ -130,8 +136,12 @@ def run(args: argparse.Namespace, clean: cleanup.Cleanup, meta: dict[str, Any]) 
     timeout = args.timeout or (120 if args.quick else 900)
     workloads = [cls(sizes) for cls in ALL if cls.name in args.workloads]
     specs = [SPECS[c] for c in args.candidates]
+    specs = [dataclasses.replace(s, args=("-o", opts)) if (opts := {
+        "mergerfs": args.mergerfs_options, "bindfs": args.bindfs_options}.get(s.kind)) else s
+        for s in specs]
     tools = {t for s in specs if (t := s.tool)} | {t for w in workloads for t in w.tools}
     ensure_tools(tools, not args.no_install)
+    _check_fd_limit(specs, sizes)
     meta["machine"] = report.machine()
     run_dir = cleanup.new_run_dir()
     meta["run_dir"] = run_dir
@@ -186,6 +196,16 @@ def run(args: argparse.Namespace, clean: cleanup.Cleanup, meta: dict[str, Any]) 
                                                   if not k.startswith("_")})
         print(f"\nwrote {args.out}/results.csv and {args.out}/results.json")
     return 0
+
+
+def _check_fd_limit(specs: list[Any], sizes: Sizes) -> None:
+    """credfs holds a descriptor per inode the kernel knows: with more files in
+    one workload than its open-file limit allows it would fail with EMFILE."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    need = max(sizes.meta_files, sizes.two_uid_files, sizes.small_files) + 1000
+    if any(s.kind == "credfs" for s in specs) and hard != resource.RLIM_INFINITY and hard < need:
+        raise BenchError(f"--files {need - 1000} needs about {need} open files in credfs, "
+                         f"but RLIMIT_NOFILE's hard limit is {hard}")
 
 
 def _tear_down(run_dir: str) -> None:

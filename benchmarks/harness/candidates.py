@@ -156,7 +156,7 @@ def start(spec: Spec, source: str, mnt_dir: str, cleanup: Cleanup,
         proc = subprocess.Popen(spec.argv(source, mountpoint), cwd=REPO, stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=subprocess.STDOUT,
                                 preexec_fn=_child_setup)  # safe: the harness has no threads
-    cand = Candidate(spec, os.path.join(mountpoint), proc, mountpoint, log)
+    cand = Candidate(spec, mountpoint, proc, mountpoint, log)
     cleanup.push(f"stop {spec.name}", cand.stop)
     deadline = time.monotonic() + timeout
     while not any(m.mount_id not in before and m.fstype.startswith("fuse")
