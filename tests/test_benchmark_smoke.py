@@ -117,7 +117,7 @@ def test_quick_run_reports_every_row_and_leaves_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(120)
 def test_ctrl_c_cleans_up() -> None:
-    proc = _start(*TINY, "--files", "20000", "--reps", "20")
+    proc = _start(*TINY, "--files", "10000", "--reps", "20")
     try:
         run_dir = _until_measuring(proc)
         proc.send_signal(signal.SIGINT)
@@ -130,7 +130,7 @@ def test_ctrl_c_cleans_up() -> None:
 
 @pytest.mark.timeout(120)
 def test_next_run_removes_what_a_killed_run_left() -> None:
-    proc = _start(*TINY, "--files", "20000", "--reps", "20")
+    proc = _start(*TINY, "--files", "10000", "--reps", "20")
     try:
         run_dir = _until_measuring(proc)
         proc.kill()  # no clean-up of its own
