@@ -30,7 +30,7 @@ from typing import Any
 
 from harness import BenchError, cleanup, ramdisk, report, sysutil
 from harness.agents import Agent
-from harness.candidates import DEFAULT, SPECS, Candidate, start
+from harness.candidates import DEFAULT, SPECS, Candidate, Spec, start
 from harness.workloads import ALL, NAMES, UID_A, UID_B, Env, Sample, Sizes, Workload, prepare
 
 DEBIAN_PACKAGES = {"mergerfs": "mergerfs", "bindfs": "bindfs", "fio": "fio"}
@@ -113,13 +113,15 @@ def ensure_tools(tools: set[str], install: bool) -> None:
 
 def plan(reps: int, workloads: list[Workload], cands: list[Candidate]
          ) -> list[tuple[int, Workload, Candidate]]:
-    """Every (rep, workload) runs on every candidate back to back, the order of the
-    candidates rotated by one each time, so no candidate always goes first."""
+    """Every (rep, workload) runs on every candidate back to back; the order of
+    the candidates is rotated by one from each workload to the next and from
+    each repetition to the next, so that no candidate always goes first (or
+    right after the same other one) in a workload."""
     steps = []
     n = len(cands)
     for rep in range(reps):
         for wi, w in enumerate(workloads):
-            k = (rep * len(workloads) + wi) % n
+            k = (rep + wi) % n
             steps += [(rep, w, c) for c in cands[k:] + cands[:k]]
     return steps
 
@@ -129,16 +131,40 @@ def _elapsed(seconds: float) -> str:
     return f"{m}m{s:02d}s"
 
 
+def _sizes(args: argparse.Namespace) -> Sizes:
+    if args.quick:
+        return Sizes.quick(args.files)
+    return Sizes(meta_files=args.files, two_uid_files=args.files) if args.files else Sizes()
+
+
+def _specs(args: argparse.Namespace) -> list[Spec]:
+    """The chosen candidates, with the peers' options replaced where asked."""
+    replaced = {"mergerfs": args.mergerfs_options, "bindfs": args.bindfs_options}
+    return [dataclasses.replace(s, args=("-o", opts)) if (opts := replaced.get(s.kind)) else s
+            for s in (SPECS[c] for c in args.candidates)]
+
+
+def _measure(steps: list[tuple[int, Workload, Candidate]], env: Env, reps: int) -> list[Sample]:
+    samples: list[Sample] = []
+    t0 = time.monotonic()
+    for i, (rep, w, cand) in enumerate(steps, 1):
+        spent = time.monotonic() - t0
+        left = f", ~{_elapsed(spent / (i - 1) * (len(steps) - i + 1))} left" if i > 1 else ""
+        report.progress(f"[{i}/{len(steps)}] rep {rep + 1}/{reps}  {w.name:<11} on "
+                        f"{cand.name:<20} {_elapsed(spent)} elapsed{left}")
+        for row, m in w.run(env, cand):
+            samples.append(Sample(rep, w.name, row.name, cand.name, m.ops, m.seconds, m.cpu,
+                                  m.device_read))
+    report.end_progress()
+    return samples
+
+
 def run(args: argparse.Namespace, clean: cleanup.Cleanup, meta: dict[str, Any]) -> int:
-    sizes = Sizes.quick(args.files) if args.quick else (
-        Sizes(meta_files=args.files, two_uid_files=args.files) if args.files else Sizes())
+    sizes = _sizes(args)
     reps = args.reps or (1 if args.quick else 3)
     timeout = args.timeout or (120 if args.quick else 900)
     workloads = [cls(sizes) for cls in ALL if cls.name in args.workloads]
-    specs = [SPECS[c] for c in args.candidates]
-    specs = [dataclasses.replace(s, args=("-o", opts)) if (opts := {
-        "mergerfs": args.mergerfs_options, "bindfs": args.bindfs_options}.get(s.kind)) else s
-        for s in specs]
+    specs = _specs(args)
     tools = {t for s in specs if (t := s.tool)} | {t for w in workloads for t in w.tools}
     ensure_tools(tools, not args.no_install)
     _check_fd_limit(specs, sizes)
@@ -169,16 +195,7 @@ def run(args: argparse.Namespace, clean: cleanup.Cleanup, meta: dict[str, Any]) 
     meta["sizes"] = sizes.__dict__
     meta["reps"] = reps
 
-    samples: list[Sample] = []
-    steps = plan(reps, workloads, cands)
-    t0 = time.monotonic()
-    for i, (rep, w, cand) in enumerate(steps, 1):
-        report.progress(f"[{i}/{len(steps)}] rep {rep + 1}/{reps}  {w.name:<11} on {cand.name:<20} "
-                        f"{_elapsed(time.monotonic() - t0)} elapsed")
-        for row, m in w.run(env, cand):
-            samples.append(Sample(rep, w.name, row.name, cand.name, m.ops, m.seconds, m.cpu,
-                                  m.device_read))
-    report.end_progress()
+    samples = _measure(plan(reps, workloads, cands), env, reps)
     meta["load_average_end"] = os.getloadavg()
     rows = [(w.name, r) for w in workloads for r in w.rows]
     names = [c.name for c in cands]
@@ -198,7 +215,7 @@ def run(args: argparse.Namespace, clean: cleanup.Cleanup, meta: dict[str, Any]) 
     return 0
 
 
-def _check_fd_limit(specs: list[Any], sizes: Sizes) -> None:
+def _check_fd_limit(specs: list[Spec], sizes: Sizes) -> None:
     """credfs holds a descriptor per inode the kernel knows: with more files in
     one workload than its open-file limit allows it would fail with EMFILE."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]

@@ -62,8 +62,14 @@ def make(run_dir: str, image_bytes: int, cleanup: Cleanup) -> RamDisk:
                  "credfs-bench-ram", tmpfs])
     cleanup.push(f"unmount {tmpfs}", lambda: _umount_checked(tmpfs))
     image = os.path.join(tmpfs, IMAGE)
-    with open(image, "wb") as f:
-        f.truncate(image_bytes)
+    # Allocate every page of the image now: otherwise whoever writes first to a
+    # block of the fresh file system pays for tmpfs allocating its memory
+    # (a first 1 GiB write measured at a quarter of the speed of later ones).
+    fd = os.open(image, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, image_bytes)
+    finally:
+        os.close(fd)
     loop = sysutil.run(["losetup", "--find", "--show", image]).stdout.strip()
     if not loop.startswith("/dev/loop"):
         raise BenchError(f"losetup gave no loop device for {image}: {loop!r}")

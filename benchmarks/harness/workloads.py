@@ -109,8 +109,10 @@ class Env:
         shutil.rmtree(backing_path, ignore_errors=True)
 
     def measure(self, cand: Candidate, action: Callable[[], tuple[float, int]]) -> Measured:
-        """Time, ops, daemon CPU and device reads of action, on a written-back filesystem."""
+        """Time, ops, daemon CPU and device reads of action, on a written-back
+        filesystem and compacted free memory."""
         sysutil.syncfs(self.fs_root)
+        sysutil.compact_memory()
         c0, d0 = cand.cpu(), sysutil.device_read_bytes(self.device)
         seconds, ops = action()
         c1, d1 = cand.cpu(), sysutil.device_read_bytes(self.device)
