@@ -211,7 +211,10 @@ def run(args: argparse.Namespace, clean: cleanup.Cleanup, meta: dict[str, Any]) 
         meta["total_seconds"] = time.monotonic() - meta["_t0"]
         report.write(args.out, samples, summary, {k: v for k, v in meta.items()
                                                   if not k.startswith("_")})
-        print(f"\nwrote {args.out}/results.csv and {args.out}/results.json")
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(report.markdown(summary, rows, names, m))
+        print(f"\nwrote results.csv, results.json and results.md (the tables for the README) "
+              f"to {args.out}")
     return 0
 
 

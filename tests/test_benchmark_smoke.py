@@ -113,6 +113,8 @@ def test_quick_run_reports_every_row_and_leaves_nothing(tmp_path: Path) -> None:
         rows = list(csv.DictReader(f))
     assert sorted(r["kind"] for r in rows) == ["median"] * 8 + ["sample"] * 8
     assert "credfs-caller" in r.stdout and "create 200 files (files/s)" in r.stdout
+    md = (out / "results.md").read_text()
+    assert "| create 200 files (files/s) |" in md and "| native | credfs-caller |" in md
 
 
 @pytest.mark.timeout(120)

@@ -142,6 +142,35 @@ def tables(summary: list[dict[str, Any]], rows: list[tuple[str, Row]],
     return "\n".join(lines)
 
 
+def markdown(summary: list[dict[str, Any]], rows: list[tuple[str, Row]],
+             candidates: list[str], machine: dict[str, Any]) -> str:
+    """The median table and the daemon-CPU table in Markdown, for the README."""
+    by = {(e["row"], e["candidate"]): e for e in summary}
+    daemons = [c for c in candidates if c != "native"]
+    out = [f"Machine: {machine_line(machine)}.", "",
+           "Median (ratio to native; higher is faster):", "",
+           "| workload | " + " | ".join(candidates) + " |",
+           "|---|" + "---|" * len(candidates)]
+    for _w, r in rows:
+        cells = []
+        for c in candidates:
+            e = by.get((r.name, c))
+            cells.append("-" if not e else f"{_num(e['median'])} ({e['ratio_to_native']:.2f})"
+                         if e["ratio_to_native"] is not None else _num(e["median"]))
+        out.append(f"| {r.name} ({r.unit}) | " + " | ".join(cells) + " |")
+    if daemons:
+        out += ["", "Daemon CPU time per operation (µs):", "",
+                "| workload | " + " | ".join(daemons) + " |", "|---|" + "---|" * len(daemons)]
+        for _w, r in rows:
+            cells = []
+            for c in daemons:
+                e = by.get((r.name, c))
+                v = e["cpu_us_per_op"] if e else None
+                cells.append("-" if v is None else _num(v))
+            out.append(f"| {r.name} (per {r.op}) | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 def write(out_dir: str, samples: list[Sample], summary: list[dict[str, Any]],
           meta: dict[str, Any]) -> None:
     os.makedirs(out_dir, exist_ok=True)
