@@ -166,6 +166,8 @@ def run(args: argparse.Namespace, clean: cleanup.Cleanup, meta: dict[str, Any]) 
     workloads = [cls(sizes) for cls in ALL if cls.name in args.workloads]
     specs = _specs(args)
     tools = {t for s in specs if (t := s.tool)} | {t for w in workloads for t in w.tools}
+    if args.out:
+        _check_out_dir(args.out)
     ensure_tools(tools, not args.no_install)
     _check_fd_limit(specs, sizes)
     meta["machine"] = report.machine()
@@ -209,13 +211,26 @@ def run(args: argparse.Namespace, clean: cleanup.Cleanup, meta: dict[str, Any]) 
     print(report.tables(summary, rows, names))
     if args.out:
         meta["total_seconds"] = time.monotonic() - meta["_t0"]
-        report.write(args.out, samples, summary, {k: v for k, v in meta.items()
-                                                  if not k.startswith("_")})
-        with open(os.path.join(args.out, "results.md"), "w") as f:
-            f.write(report.markdown(summary, rows, names, m))
+        try:
+            report.write(args.out, samples, summary, {k: v for k, v in meta.items()
+                                                      if not k.startswith("_")})
+            with open(os.path.join(args.out, "results.md"), "w") as f:
+                f.write(report.markdown(summary, rows, names, m))
+        except OSError as e:
+            raise BenchError(f"writing the results to {args.out}: {e}") from None
         print(f"\nwrote results.csv, results.json and results.md (the tables for the README) "
               f"to {args.out}")
     return 0
+
+
+def _check_out_dir(out: str) -> None:
+    """Fail before measuring, not after, if the results cannot be written."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "results.json"), "a"):
+            pass
+    except OSError as e:
+        raise BenchError(f"--out {out}: {e.strerror}") from None
 
 
 def _check_fd_limit(specs: list[Spec], sizes: Sizes) -> None:

@@ -26,6 +26,10 @@ TINY = ["--quick", "--candidates", "native,credfs-caller", "--workloads", "metad
         "--files", "200", "--no-install"]
 OPS = ("create", "stat", "readdir", "unlink")
 
+# The RAM disk is a loop device: without loop support there is nothing to run.
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/loop-control"),
+                                reason="the benchmark needs loop devices (/dev/loop-control)")
+
 
 def _leftovers(run_dir: str) -> list[str]:
     """Mounts, loop devices, processes and files of run_dir that still exist."""
