@@ -106,7 +106,9 @@ def create(dir_fd: int, name: bytes, flags: int, mode: int) -> tuple[int, Found]
     fh = os.open(name, (flags & ~(os.O_NOCTTY | FMODE_EXEC)) | os.O_CREAT | os.O_NOFOLLOW
                  | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
-        return fh, reopen_path(fh)
+        found = reopen_path(fh)
+        found.parent_public = public_dir(dir_fd)
+        return fh, found
     except BaseException:
         os.close(fh)
         raise
