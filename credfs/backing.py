@@ -30,6 +30,29 @@ FMODE_EXEC = 0x20
 _OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | FMODE_EXEC
 
 
+# The st_dev of credfs's own mount. The mount can be made to appear inside the
+# backing tree (a bind mount of it there): any name that resolves onto it is
+# refused, or a worker would wait on a request only its own daemon can answer.
+_own_device: int | None = None
+
+
+def refuse_device(dev: int | None) -> None:
+    global _own_device
+    _own_device = dev
+
+
+def open_name(dir_fd: int, name: bytes,
+              flags: int = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC) -> int:
+    """openat a name in a backing directory (never following a symlink), but
+    never onto credfs's own mount."""
+    check_name(name)
+    fd = os.open(name, flags, dir_fd=dir_fd)
+    if _own_device is not None and syscalls.device_of(fd) == _own_device:
+        os.close(fd)
+        raise OSError(errno.ELOOP, "the credfs mount itself is inside the backing tree")
+    return fd
+
+
 def fd_path(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
@@ -65,8 +88,7 @@ def public_dir(fd: int, st: os.stat_result | None = None) -> bool:
 
 def open_path(dir_fd: int, name: bytes) -> Found:
     """Resolve one name as the worker's identity (needs search on the parent)."""
-    check_name(name)
-    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    fd = open_name(dir_fd, name)
     try:
         return Found(fd, os.fstat(fd), public_dir(dir_fd))
     except BaseException:
@@ -191,9 +213,8 @@ def probe(dir_fd: int, names: list[bytes]) -> list[tuple[bool, int | None] | Non
     and what it finds is only ever used to decide, never shown."""
     out: list[tuple[bool, int | None] | None] = []
     for name in names:
-        check_name(name)
         try:
-            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            fd = open_name(dir_fd, name)
         except OSError:
             out.append(None)
             continue
@@ -209,10 +230,9 @@ def walk_tree(dir_fd: int, name: bytes, limit: int
     """Everything below the directory name (relative path, is a directory,
     recorded owner), or None when there are more than limit entries. Not a
     directory: []. Walked by descriptors, never following symlinks."""
-    check_name(name)
+    dir_flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        top = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                      dir_fd=dir_fd)
+        top = open_name(dir_fd, name, dir_flags)
     except OSError as exc:
         if exc.errno in (errno.ENOTDIR, errno.ELOOP, errno.ENOENT):
             return []
@@ -230,14 +250,13 @@ def walk_tree(dir_fd: int, name: bytes, limit: int
                         return None
                     rel = prefix + os.fsdecode(e.name)
                     is_dir = e.is_dir(follow_symlinks=False)
-                    pfd = os.open(e.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                    pfd = open_name(fd, os.fsencode(e.name))
                     try:
                         out.append((rel, is_dir, read_owner(pfd)))
                     finally:
                         os.close(pfd)
                     if is_dir:
-                        stack.append((os.open(e.name, os.O_RDONLY | os.O_DIRECTORY
-                                              | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd),
+                        stack.append((open_name(fd, os.fsencode(e.name), dir_flags),
                                       rel + "/"))
             finally:
                 os.close(fd)
@@ -330,8 +349,7 @@ def lookup_listed(dir_fh: int, entries: list[DirEntry]) -> list[Found | OSError]
     out: list[Found | OSError] = []
     for entry in entries:
         try:
-            check_name(entry.name)
-            fd = os.open(entry.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fh)
+            fd = open_name(dir_fh, entry.name)
         except OSError as exc:
             out.append(exc)
             continue

@@ -15,6 +15,7 @@ instead and never grants capabilities.
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 from typing import Protocol
@@ -38,6 +39,8 @@ def _read_status(tid: int) -> bytes:
         with open(f"/proc/{tid}/status", "rb", buffering=0) as f:
             return f.read(4096)
     except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+            raise  # our shortage, not the caller's: the caller gets this errno
         raise CredentialError(f"caller tid {tid} is gone ({exc.strerror})") from exc
 
 

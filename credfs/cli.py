@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -91,10 +92,36 @@ def _options(args: argparse.Namespace) -> MountOptions:
         uid_map=args.uid_map, gid_map=args.gid_map)
     for spec in args.o:
         parse_o(opts, spec)
+    recovered = recover_dead_mount(opts.mountpoint)
+    if recovered:
+        sys.stderr.write(f"credfs: {recovered}\n")
     validate(opts)
     if opts.policy is not None:
         load_policy(opts.policy)  # refuse a bad policy before mounting anything
     return opts
+
+
+def recover_dead_mount(mountpoint: str) -> str | None:
+    """A FUSE mount whose daemon died answers ENOTCONN to everything: detach
+    it, so that mounting there again brings the files back. What was done, or
+    None when there was nothing to do."""
+    try:
+        os.stat(mountpoint)
+        return None
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            return None
+    fstype = _fstype_at(mountpoint)
+    if fstype is None or not fstype.startswith("fuse"):
+        return None
+    from .kernelmount import MountError, unmount
+    try:
+        unmount(mountpoint, via_fusermount=os.geteuid() != 0)
+    except MountError as exc:
+        raise OptionError(f"mountpoint {mountpoint}: a dead {fstype} mount (its daemon is "
+                          f"gone: not connected) could not be removed: {exc.strerror}") from None
+    return (f"mountpoint {mountpoint}: recovered a dead {fstype} mount (its daemon was gone; "
+            "the mountpoint said 'Transport endpoint is not connected'): unmounted it")
 
 
 def _setup_logging(opts: MountOptions) -> None:

@@ -102,6 +102,8 @@ class PolicyGate:
             caller = self.caller.backing_creds(ctx)
         except CredentialError as exc:
             raise refuse_unknown_caller(ctx, exc) from None
+        except OSError as exc:  # out of descriptors or memory ourselves
+            raise FUSEError(exc.errno or errno.EIO) from None
         policy = self.policy  # one policy per request, even across a reload
         return Request(self, ctx, policy, caller,
                        policy.caller(caller.uid, caller.gid, caller.groups))

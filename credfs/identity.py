@@ -118,7 +118,7 @@ class MounterIdentity:
         # When the caller cannot be identified, clear them: the safe direction.
         try:
             caps = self.resolver(ctx).caps
-        except CredentialError:
+        except (CredentialError, OSError):
             return True
         return not caps & cap_bit(CAP_FSETID)
 

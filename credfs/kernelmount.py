@@ -74,6 +74,22 @@ def mount_fuse(opts: MountOptions, allow_other: bool) -> int:
     return fd
 
 
+def device_of_mount(mountpoint: str) -> int | None:
+    """st_dev of the topmost mount at mountpoint, from /proc/self/mountinfo
+    (a stat of it would ask the daemon that is only now starting)."""
+    path = os.path.abspath(mountpoint)
+    # Only the parent is resolved: resolving the mountpoint itself would stat it.
+    want = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split(" ", 5)
+            if fields[4].encode().decode("unicode_escape") == want:
+                major, minor = fields[2].split(":")
+                found = os.makedev(int(major), int(minor))
+    return found
+
+
 def unmount(mountpoint: str, via_fusermount: bool) -> None:
     """Unmount, lazily when busy, so the daemon can always end."""
     if via_fusermount:

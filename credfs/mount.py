@@ -16,7 +16,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from . import kernelmount, notify, privileges, syscalls
+from . import backing, kernelmount, notify, privileges, syscalls
 from .cache import CachePolicy
 from .caller import CallerResolver
 from .creds import Credentials
@@ -133,6 +133,7 @@ def serve(opts: MountOptions, ready: Ready) -> int:
                 fuse_opts.add("default_permissions")
             pyfuse3.init(ops, opts.mountpoint, fuse_opts)
         notifier.attach(notify.find_fuse_fd())
+        backing.refuse_device(kernelmount.device_of_mount(opts.mountpoint))
         log.info("%s", summary)
         trio.run(_main, ops, pool, opts, not is_root, ready, summary, early)
     finally:

@@ -140,6 +140,8 @@ class Operations(pyfuse3.Operations):
             return Act(self.identity.backing_creds(ctx), self.identity)
         except CredentialError as exc:
             raise refuse_unknown_caller(ctx, exc) from None
+        except OSError as exc:  # out of descriptors or memory ourselves
+            raise FUSEError(exc.errno or errno.EIO) from None
 
     async def _act_named(self, ctx: pyfuse3.RequestContext, op: str, parent: Inode,
                          name: bytes) -> Act:

@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import sys
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _syscall = _libc.syscall
@@ -22,7 +23,7 @@ _NR = {
     "x86_64": {
         "setgroups": 116, "getgroups": 115, "setfsuid": 122, "setfsgid": 123,
         "capget": 125, "capset": 126, "renameat2": 316, "faccessat2": 439,
-        "unshare": 272, "fchmodat2": 452,
+        "unshare": 272, "fchmodat2": 452, "statx": 332,
         "write": 1, "pwrite64": 18, "writev": 20, "pwritev": 296, "pwritev2": 328,
         "copy_file_range": 326, "sendfile": 40, "splice": 275, "fallocate": 285,
         "io_submit": 209, "io_uring_enter": 426,
@@ -30,7 +31,7 @@ _NR = {
     "aarch64": {
         "setgroups": 159, "getgroups": 158, "setfsuid": 151, "setfsgid": 152,
         "capget": 90, "capset": 91, "renameat2": 276, "faccessat2": 439,
-        "unshare": 97, "fchmodat2": 452,
+        "unshare": 97, "fchmodat2": 452, "statx": 291,
         "write": 64, "pwrite64": 68, "writev": 66, "pwritev": 70, "pwritev2": 287,
         "copy_file_range": 285, "sendfile": 71, "splice": 76, "fallocate": 47,
         "io_submit": 2, "io_uring_enter": 426,
@@ -55,6 +56,23 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
 CLONE_FS = 0x200
+AT_STATX_DONT_SYNC = 0x4000
+STATX_TYPE = 0x1
+_STATX_DEV_OFFSET = 136  # stx_dev_major, stx_dev_minor: two u32 (linux/stat.h)
+
+
+def device_of(fd: int) -> int:
+    """st_dev of what fd refers to, taken from the superblock without asking
+    the filesystem (AT_STATX_DONT_SYNC: a FUSE filesystem gets no request)."""
+    buf = ctypes.create_string_buffer(256)
+    if _syscall(NR["statx"], ctypes.c_int(fd), b"",
+                ctypes.c_int(AT_EMPTY_PATH | AT_STATX_DONT_SYNC), ctypes.c_uint(STATX_TYPE),
+                buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    major = int.from_bytes(buf.raw[_STATX_DEV_OFFSET:_STATX_DEV_OFFSET + 4], sys.byteorder)
+    minor = int.from_bytes(buf.raw[_STATX_DEV_OFFSET + 4:_STATX_DEV_OFFSET + 8], sys.byteorder)
+    return os.makedev(major, minor)
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 

@@ -442,3 +442,134 @@ def run_output(argv: list[str], timeout: float = 120.0) -> tuple[int, bytes]:
     p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
                        check=False)
     return p.returncode, p.stdout
+
+
+# --- hostile callers and faults (test_hostile, test_faults) ---
+
+
+def chdir(path: str) -> None:
+    """Make path this agent's cwd (kept for later calls with relative paths)."""
+    os.chdir(path)
+
+
+def lsetxattr(path: str, name: str, value: bytes) -> None:
+    os.setxattr(path, name, value, follow_symlinks=False)
+
+
+def lgetxattr(path: str, name: str) -> bytes:
+    return os.getxattr(path, name, follow_symlinks=False)
+
+
+def llistxattr(path: str) -> list[str]:
+    return sorted(os.listxattr(path, follow_symlinks=False))
+
+
+def lremovexattr(path: str, name: str) -> None:
+    os.removexattr(path, name, follow_symlinks=False)
+
+
+def lchown(path: str, uid: int, gid: int) -> None:
+    os.chown(path, uid, gid, follow_symlinks=False)
+
+
+def fd_write(fd: int, data: bytes, offset: int = 0) -> int:
+    """pwrite on a held fd (see open_fd)."""
+    return os.pwrite(fd, data, offset)
+
+
+def fd_truncate(fd: int, length: int) -> None:
+    os.ftruncate(fd, length)
+
+
+def fd_chmod(fd: int, mode: int) -> None:
+    os.fchmod(fd, mode)
+
+
+def fd_chown(fd: int, uid: int, gid: int) -> None:
+    os.fchown(fd, uid, gid)
+
+
+def fd_setxattr(fd: int, name: str, value: bytes) -> None:
+    os.setxattr(fd, name, value)
+
+
+def fd_utime_now(fd: int) -> None:
+    os.utime(fd, None)
+
+
+def fd_mmap_shared_write(fd: int) -> None:
+    """mmap(MAP_SHARED, PROT_WRITE) a held fd: refused natively for a read-only fd."""
+    import mmap
+
+    mmap.mmap(fd, 1, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE).close()
+
+
+def fd_fsync(fd: int) -> None:
+    os.fsync(fd)
+
+
+def write_fsync(path: str, data: bytes) -> int:
+    """Create/truncate path, write data, fsync, close; bytes written."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        done = 0
+        while done < len(data):
+            done += os.write(fd, data[done:])
+        os.fsync(fd)
+        return done
+    finally:
+        os.close(fd)
+
+
+def open_many(path: str, count: int) -> tuple[list[int], int]:
+    """Open path count times and keep the fds: (fds opened, errno that stopped it
+    or 0). For running a daemon out of descriptors; close them with close_fds."""
+    fds: list[int] = []
+    for _ in range(count):
+        try:
+            fds.append(os.open(path, os.O_RDONLY))
+        except OSError as e:
+            return fds, e.errno or -1
+    return fds, 0
+
+
+def close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def read_outcomes(paths: list[str], rounds: int) -> list[tuple[str, str, Any]]:
+    """Read each path `rounds` times (for races): the distinct (path, "ok", data)
+    or (path, "err", errno) outcomes seen, sorted."""
+    seen: set[tuple[str, str, Any]] = set()
+    for _ in range(rounds):
+        for p in paths:
+            try:
+                with open(p, "rb") as f:
+                    seen.add((p, "ok", f.read(4096)))
+            except OSError as e:
+                seen.add((p, "err", e.errno or 0))
+    return sorted(seen, key=repr)
+
+
+def listdir_outcomes(paths: list[str], rounds: int) -> list[tuple[str, str, Any]]:
+    """Like read_outcomes, with sorted directory listings."""
+    seen: set[tuple[str, str, Any]] = set()
+    for _ in range(rounds):
+        for p in paths:
+            try:
+                seen.add((p, "ok", tuple(sorted(os.listdir(p)))))
+            except OSError as e:
+                seen.add((p, "err", e.errno or 0))
+    return sorted(seen, key=repr)
+
+
+def lstat_each(paths: list[str]) -> list[tuple[str, int]]:
+    """lstat each path in turn (no listing first): ("ok", st_mode) or ("err", errno)."""
+    out: list[tuple[str, int]] = []
+    for p in paths:
+        try:
+            out.append(("ok", os.lstat(p).st_mode))
+        except OSError as e:
+            out.append(("err", e.errno or 0))
+    return out

@@ -183,6 +183,10 @@ class CredfsMount:
         deadline = time.monotonic() + self.ready_timeout
         try:
             while True:
+                if "recovered a dead" in self.log:
+                    # credfs removed a dead mount that was there before; the new
+                    # one may get its freed mount id: nothing before is ours to keep.
+                    self._before = before = frozenset()
                 if any(m.mount_id not in before and m.fstype.startswith("fuse")
                        for m in mounts_at(self.mountpoint)):
                     return self
