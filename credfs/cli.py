@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--mounter", metavar="USER[:GROUP]",
                    help="with --creds mounter or --policy: record this identity instead of "
                         "the invoker's (root only)")
+    m.add_argument("--caller-caps", action="store_true",
+                   help="honour a caller's own capabilities (e.g. CAP_DAC_READ_SEARCH of a "
+                        "backup tool, or root's) as natively; off by default")
     m.add_argument("--policy", metavar="FILE",
                    help="decide access and credentials per request by this policy "
                         "(see policies/); SIGHUP reloads it")
@@ -89,7 +92,7 @@ def _options(args: argparse.Namespace) -> MountOptions:
         mounter=args.mounter, cache=CacheMode(args.cache), workers=args.workers,
         missing_groups=args.missing_groups, foreground=args.foreground,
         log_level=args.log_level, log_file=args.log_file, policy=args.policy,
-        uid_map=args.uid_map, gid_map=args.gid_map)
+        uid_map=args.uid_map, gid_map=args.gid_map, caller_caps=args.caller_caps)
     for spec in args.o:
         parse_o(opts, spec)
     recovered = recover_dead_mount(opts.mountpoint)

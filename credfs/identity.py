@@ -51,11 +51,18 @@ class CallerIdentity:
     name = "caller"
     kernel_checks_permissions = False
 
-    def __init__(self, resolver: CallerResolver) -> None:
+    def __init__(self, resolver: CallerResolver, honour_caps: bool = False) -> None:
         self.resolver = resolver
+        # --caller-caps: a caller's own capabilities (CAP_DAC_OVERRIDE,
+        # CAP_DAC_READ_SEARCH, CAP_FOWNER, ...) count through the mount as they
+        # do natively. Off: every caller acts with its ids and groups alone.
+        self.honour_caps = honour_caps
 
     def backing_creds(self, ctx: pyfuse3.RequestContext) -> Credentials:
-        return self.resolver(ctx)
+        creds = self.resolver(ctx)
+        if creds.caps and not self.honour_caps:
+            return Credentials(creds.uid, creds.gid, creds.groups, 0)
+        return creds
 
     def creator_creds(self, ctx: pyfuse3.RequestContext, creds: Credentials,
                       parent: object) -> Credentials:
@@ -65,7 +72,9 @@ class CallerIdentity:
         return False  # the backing filesystem does it, as the caller
 
     def describe(self) -> str:
-        return "caller: each backing operation runs as the calling thread"
+        caps = "with" if self.honour_caps else "without"
+        return f"caller: each backing operation runs as the calling thread, {caps} its " \
+               "capabilities"
 
 
 class MounterIdentity:

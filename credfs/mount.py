@@ -78,11 +78,11 @@ def build_identity(opts: MountOptions, mounter: Credentials | None
                               mounter.caps & permitted)
     if opts.policy is not None:
         assert mounter is not None
-        caller = CallerIdentity(resolver)
+        caller = CallerIdentity(resolver, opts.caller_caps)
         gate = PolicyGate(load_policy(opts.policy), caller, MounterIdentity(mounter, resolver))
         return caller, gate
     if mounter is None:
-        return CallerIdentity(resolver), None
+        return CallerIdentity(resolver, opts.caller_caps), None
     return MounterIdentity(mounter, resolver), None
 
 

@@ -60,6 +60,7 @@ class MountOptions:
     subtype: str = "credfs"
     raw_o: list[str] = field(default_factory=list)
     policy: str | None = None  # path of the policy file
+    caller_caps: bool = False  # honour callers' own capabilities (caller mode, policies)
     uid_map: str | None = None  # --uid-map / --gid-map as given; parsed into idmap
     gid_map: str | None = None
     idmap: IdMapping | None = None
@@ -107,6 +108,9 @@ def validate(opts: MountOptions) -> None:
         raise OptionError(f"--creds {opts.creds}: must be caller or mounter")
     if opts.mounter is not None and opts.creds != "mounter" and opts.policy is None:
         raise OptionError("--mounter only makes sense with --creds mounter or --policy")
+    if opts.caller_caps and opts.creds == "mounter":
+        raise OptionError("--caller-caps: in mounter mode the mounter's credentials act; "
+                          "callers' capabilities only count in caller mode and policies")
     if opts.policy is not None and opts.default_permissions:
         raise OptionError("-o default_permissions: with --policy the policy and the "
                           "credentials its rules act with decide every permission")

@@ -103,7 +103,8 @@ MountFactory = Callable[..., CredfsMount]
 
 @pytest.fixture
 def mount_credfs(workdir: Path, backing: Path, mnt: Path) -> Iterator[MountFactory]:
-    """mount_credfs(*args, source=backing, mountpoint=mnt, kind=CredfsMount) -> started mount.
+    """mount_credfs(*args, source=backing, mountpoint=mnt, kind=CredfsMount, caller_caps=True)
+    -> started mount (caller_caps: see CredfsMount).
 
     Every mount started through it is stopped (and unmounted) at teardown.
     """
@@ -111,8 +112,8 @@ def mount_credfs(workdir: Path, backing: Path, mnt: Path) -> Iterator[MountFacto
 
     def factory(*args: str, source: str | os.PathLike[str] | None = None,
                 mountpoint: str | os.PathLike[str] | None = None,
-                kind: type[CredfsMount] = CredfsMount) -> CredfsMount:
-        m = kind(source or backing, mountpoint or mnt, *args,
+                kind: type[CredfsMount] = CredfsMount, caller_caps: bool = True) -> CredfsMount:
+        m = kind(source or backing, mountpoint or mnt, *args, caller_caps=caller_caps,
                  log_path=workdir / f"credfs-{len(started)}.log")
         started.append(m)
         return m.start()

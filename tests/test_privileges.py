@@ -76,3 +76,48 @@ def test_worker_acting_for_a_user_holds_no_capabilities(
                 reader.kill()
                 reader.wait(timeout=10)
     assert reader.returncode == 0, reader.stderr.read() if reader.stderr else ""
+
+
+def _as(uid: int, caps: str | None, *cmd: str) -> tuple[int, str]:
+    """Run cmd as uid with groups [uid] and, when given, these capabilities
+    (inheritable + ambient: what a backup tool given them with setcap holds)."""
+    argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", f"--groups={uid}"]
+    if caps:
+        argv += [f"--inh-caps=-all,{caps}", f"--ambient-caps=-all,{caps}"]
+    p = subprocess.run([*argv, "--", *cmd], capture_output=True, text=True, timeout=30)
+    return p.returncode, p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("emulate", [False, True], ids=["default", "caller-caps"])
+def test_callers_capabilities_count_only_with_caller_caps(
+        emulate: bool, backing: Path, native: Path, mnt: Path, mount_credfs: Any) -> None:
+    """A backup tool (uid 2005) holding CAP_DAC_READ_SEARCH reads alice's 0600
+    file natively. Through credfs it does so only with --caller-caps, and even
+    then gets nothing its capability does not give (it cannot write the file),
+    exactly as natively; without it, it is an ordinary uid 2005. Root alike."""
+    for d in (backing, native):
+        (d / "private").mkdir(mode=0o700)
+        (d / "private" / "notes").write_text("alice's notes\n")
+        os.chmod(d / "private" / "notes", 0o600)
+        for p in (d / "private", d / "private" / "notes"):
+            os.chown(p, 2001, 2001)
+    mount_credfs(caller_caps=emulate)
+    backup = "+dac_read_search"
+    cases = [(2005, backup, "cat", "private/notes"),
+             (2005, backup, "sh", "-c", "echo x >> {}/private/notes"),
+             (2005, None, "cat", "private/notes"),
+             (0, None, "cat", "private/notes")]
+    for uid, caps, *cmd in cases:
+        natively = _as(uid, caps, *[c.replace("{}", str(native)) if "{}" in c else
+                                    str(native / c) if c.startswith("private") else c
+                                    for c in cmd])
+        through = _as(uid, caps, *[c.replace("{}", str(mnt)) if "{}" in c else
+                                   str(mnt / c) if c.startswith("private") else c
+                                   for c in cmd])
+        holds_caps = uid == 0 or caps is not None
+        if emulate or not holds_caps:
+            assert (through[0] == 0) == (natively[0] == 0), (uid, caps, cmd, through, natively)
+        else:
+            # Without emulation a capability counts for nothing through the mount.
+            assert through[0] != 0, (uid, caps, cmd, through)
+    assert (backing / "private" / "notes").read_text() == "alice's notes\n"

@@ -131,12 +131,18 @@ class CredfsMount:
 
     Use as a context manager, or call start()/stop(); stop() always runs the full
     clean-up (SIGTERM, SIGKILL after STOP_TIMEOUT, umount -l) and is idempotent.
+
+    caller_caps (default True): add --caller-caps where it applies (caller mode
+    and policies), because most tests compare root through credfs with root
+    natively; tests of the default (callers' capabilities ignored) pass False.
     """
 
     def __init__(self, source: str | os.PathLike[str], mountpoint: str | os.PathLike[str],
                  *extra_args: str, log_path: str | os.PathLike[str] | None = None,
                  ready_timeout: float = READY_TIMEOUT,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, caller_caps: bool = True) -> None:
+        if caller_caps and "mounter" not in extra_args and "--caller-caps" not in extra_args:
+            extra_args = (*extra_args, "--caller-caps")
         self.source = os.path.abspath(source)
         self.mountpoint = os.path.abspath(mountpoint)
         self.extra_args = tuple(extra_args)
