@@ -161,7 +161,11 @@ class Operations(pyfuse3.Operations):
     def _act_all(self, ctx: pyfuse3.RequestContext, ops: Sequence[str], node: Inode) -> Act:
         """One request that is several operations: each must be allowed; the
         first one's credentials act."""
-        acts = [self._act(ctx, op, node) for op in ops]  # each raises when refused
+        if self.gate is None:
+            return self._act(ctx, ops[0], node)  # no policy: one answer for all ops
+        request = self.gate.begin(ctx)
+        path, obj = self.table.path(node), ObjectFacts(node.is_dir, node.owner_uid)
+        acts = [request.act(op, path, obj) for op in ops]  # each raises when refused
         return acts[0]
 
     def _shared(self, node: Inode, name: bytes, st: os.stat_result) -> bool:
@@ -585,8 +589,11 @@ class Operations(pyfuse3.Operations):
         creds = act.creds
         maker = act.source.creator_creds(ctx, creds, parent)
         epoch = parent.search_epoch
-        fd, found = await self._run(maker, backing.create, parent.fd, name, flags, mode,
-                                    umask=self._umask(ctx))
+        try:
+            fd, found = await self._run(maker, backing.create, parent.fd, name, flags, mode,
+                                        umask=self._umask(ctx))
+        except FUSEError as exc:
+            raise await self._taken(ctx, parent, name, exc) from None
         entry = await self._created(act, self._enter(parent, name, found, epoch))
         handle = Handle(fd, creds, node=entry.st_ino,
                         kill_privs=act.source.kills_privileges(ctx))
