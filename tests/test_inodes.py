@@ -136,7 +136,11 @@ def test_log_states_inode_capacity_from_raised_fd_limit(mount_credfs: MountFacto
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert m.pid is not None
-    found = re.search(r"up to ~(\d+) inodes \(RLIMIT_NOFILE (\d+)\)", m.log)
+    # The mount shows up a moment before the daemon logs its start line.
+    deadline = time.monotonic() + 10
+    while not (found := re.search(r"up to ~(\d+) inodes \(RLIMIT_NOFILE (\d+)\)", m.log)) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert found, f"no inode capacity in the log:\n{m.log}"
     n, logged = int(found[1]), int(found[2])
     limits = Path(f"/proc/{m.pid}/limits").read_text()
