@@ -340,6 +340,32 @@ def test_container_volume(mount_credfs: MountFactory, backing: Path, mnt: Path, 
     t.finish(backing)
 
 
+def test_container_volume_with_an_id_map(mount_credfs: MountFactory, backing: Path,
+                                         mnt: Path, make_agent: Callable[..., UserAgent]
+                                         ) -> None:
+    """container-volume.toml with --uid-map/--gid-map, as a container's volume
+    is served: the caller's ids are mapped before anything is decided or done.
+    A caller seen as 2001 acts as backing 1500: it creates files 1500 owns and
+    sees them as its own; lost+found stays hidden; another caller of the
+    container (2002, mapped to 1501) cannot read 1500's private file."""
+    (backing / "lost+found").mkdir()
+    (backing / "data").mkdir(mode=0o777)
+    (backing / "data").chmod(0o1777)
+    mount_credfs("--policy", str(CONTAINER), "--uid-map", "2001:1500:2",
+                 "--gid-map", "2001:1500:2")
+    alice = make_agent(2001, 2001, [2001])
+    bob = make_agent(2002, 2002, [2002])
+    assert alice.do("listdir", os.fspath(mnt)) == ("ok", ["data"])
+    assert alice.do("stat", os.fspath(mnt / "lost+found"))[1] == ENOENT[1]
+    assert alice.call("write", os.fspath(mnt / "data/mine"), b"x", CREATE) == 1
+    assert alice.call("chmod", os.fspath(mnt / "data/mine"), 0o600) is None
+    st = (backing / "data/mine").stat()
+    assert (st.st_uid, st.st_gid) == (1500, 1500)  # the host identity owns it
+    seen = alice.call("stat", os.fspath(mnt / "data/mine"))
+    assert (seen["uid"], seen["gid"]) == (2001, 2001), seen  # the container sees its own
+    assert bob.do("read", os.fspath(mnt / "data/mine")) == EACCES
+
+
 # -- rule semantics, on a policy of our own --------------------------------------
 
 RULES = """\
