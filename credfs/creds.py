@@ -72,10 +72,9 @@ class ThreadIdentity:
     def __init__(self) -> None:
         syscalls.unshare_fs()
         os.umask(0)
-        self.home_uid = syscalls.getfsuid()
-        self.home_gid = syscalls.getfsgid()
-        self.home_groups = syscalls.getgroups_thread()
-        self.home_eff, self.permitted, self.inheritable = syscalls.capget_thread()
+        _eff, self.permitted, self.inheritable = syscalls.capget_thread()
+        # Idle, a worker holds no capability: each job raises what it may use.
+        syscalls.capset_thread(0, self.permitted, self.inheritable)
         self.current: Credentials | None = None
 
     def become(self, creds: Credentials, umask: int = 0) -> None:

@@ -148,6 +148,13 @@ def serve(opts: MountOptions, ready: Ready) -> int:
             pyfuse3.init(ops, opts.mountpoint, fuse_opts)
         notifier.attach(notify.find_fuse_fd())
         backing.refuse_device(kernelmount.device_of_mount(opts.mountpoint))
+        if is_root and privilege_mode(opts, mounter) == "mounter-unprivileged" \
+                and not opts.policy:
+            # Every backing operation is the service's: from here on the daemon
+            # is the service, with only what unmounting needs.
+            assert mounter is not None
+            privileges.become(mounter.uid, mounter.gid, mounter.groups)
+            summary += f"; dropped root: runs as uid {mounter.uid} with sys_admin only"
         log.info("%s", summary)
         trio.run(_main, ops, pool, opts, not is_root, ready, summary, early)
     finally:

@@ -69,6 +69,28 @@ def restrict(mode: str) -> list[str]:
     return kept
 
 
+def become(uid: int, gid: int, groups: tuple[int, ...]) -> None:
+    """Stop being root: the whole process takes on uid, gid and groups for good,
+    keeping only CAP_SYS_ADMIN (to unmount at the end).
+
+    For the service-mounter mode, after mounting and before any other thread
+    exists: every backing operation runs as the service identity anyway, so
+    the daemon needs neither root's uid nor setuid/setgid from here on."""
+    prctl.set_keepcaps(True)  # keep the permitted set across setresuid
+    os.setgroups(list(groups))
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    prctl.set_keepcaps(False)
+    admin = _cap("sys_admin")
+    prctl.cap_permitted.limit(admin)
+    prctl.cap_effective.sys_admin = True  # the uid change cleared the effective set
+    prctl.set_dumpable(False)
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid) or \
+            _current_effective() != {admin}:
+        raise PermissionError(f"could not drop root to uid {uid} gid {gid}")
+    log.info("dropped root: running as uid %d gid %d, capabilities kept: sys_admin", uid, gid)
+
+
 def _current_effective() -> set[int]:
     with open("/proc/thread-self/status") as f:
         for line in f:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import outcome
+import prctl
 import trio
 
 from .creds import CredentialError, Credentials, ThreadIdentity
@@ -69,6 +70,7 @@ class WorkerPool:
             lambda _: trio.lowlevel.Abort.FAILED)
 
     def _work(self) -> None:
+        prctl.set_name("credfs-worker")  # the thread's name in /proc (ps -L, top -H)
         try:
             identity = ThreadIdentity()
         except BaseException as exc:

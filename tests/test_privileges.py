@@ -57,8 +57,8 @@ def test_worker_acting_for_a_user_holds_no_capabilities(
         acting: dict[int, dict[str, str]] = {}
         while not acting and time.monotonic() < deadline:
             acting = {tid: st for tid, st in _threads(m.pid).items()
-                      if st["Uid"].split()[3] == str(acting_uid)
-                      and st["State"].startswith("S")}
+                      if st["Name"] == "credfs-worker"
+                      and st["Uid"].split()[3] == str(acting_uid)}
             time.sleep(0.02)
         assert acting, "no daemon thread is acting as the caller"
         for tid, st in acting.items():
@@ -121,3 +121,26 @@ def test_callers_capabilities_count_only_with_caller_caps(
             # Without emulation a capability counts for nothing through the mount.
             assert through[0] != 0, (uid, caps, cmd, through)
     assert (backing / "private" / "notes").read_text() == "alice's notes\n"
+
+
+def test_service_mounter_drops_root(backing: Path, mnt: Path, mount_credfs: Any,
+                                    make_agent: Any) -> None:
+    """With --mounter SERVICE (no policy), every backing operation is the
+    service's: after mounting, the daemon is the service itself (real, effective
+    and saved ids) and keeps only CAP_SYS_ADMIN, in every thread; it still
+    serves (alice's file belongs to the service) and unmounts cleanly."""
+    backing.chmod(0o777)
+    m = mount_credfs("--creds", "mounter", "--mounter", "4000:4000")
+    assert m.pid is not None
+    alice = make_agent(2001, 2001, [2001])
+    assert alice.call("write", os.fspath(mnt / "f"), b"x", os.O_CREAT | os.O_WRONLY) == 1
+    st = (backing / "f").stat()
+    assert (st.st_uid, st.st_gid) == (4000, 4000)
+    for tid, status in _threads(m.pid).items():
+        assert status["Uid"].split() == ["4000"] * 4, (tid, status["Uid"])
+        assert status["Gid"].split() == ["4000"] * 4, (tid, status["Gid"])
+        assert status["Groups"].split() == ["4000"], (tid, status["Groups"])
+        assert set(cap_names(int(status["CapPrm"], 16))) == {"sys_admin"}, (tid, status)
+        assert set(cap_names(int(status["CapEff"], 16))) <= {"sys_admin"}, (tid, status)
+    assert "dropped root" in m.log
+    assert m.stop() == 0, m.log
