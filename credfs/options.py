@@ -123,6 +123,12 @@ def validate(opts: MountOptions) -> None:
     if opts.creds == "caller" and opts.default_permissions:
         raise OptionError("-o default_permissions: caller mode lets the backing filesystem "
                           "decide every permission; use --creds mounter for kernel checks")
+    if opts.log_file is not None:
+        try:
+            with open(opts.log_file, "a"):
+                pass
+        except OSError as exc:
+            raise OptionError(f"--log-file {opts.log_file}: {exc.strerror}") from None
     src = opts.source
     if not os.path.lexists(src):
         raise OptionError(f"source {src}: does not exist")

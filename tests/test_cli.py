@@ -139,12 +139,28 @@ def test_mountpoint_not_empty(backing: Path, mnt: Path, mode: list[str]) -> None
     ["--creds", "bogus"],
     ["--missing-groups", "bogus"],
     ["--log-level", "loud"],
+    ["--workers", "5000"],
+    ["--mounter", "no-such-user-xyz"],
+    ["--mounter", "2001:no-such-group-xyz"],
+    ["--mounter", "2001"],  # without --creds mounter or --policy
+    ["-o", "bogus"],
+    ["-o", "max_read=12"],
+    ["-o", "subtype=a/b"],
+    ["-o", "default_permissions"],  # caller mode
+    ["--uid-map", "0:1000"],
+    ["--uid-map", "0:1000:10,5:2000:10"],
+    ["--gid-map", "x:y:z"],
+    ["--policy", "/nonexistent/policy.toml"],
+    ["--caller-caps", "--creds", "mounter"],
+    ["--creds", "caller", "--policy", "/nonexistent/policy.toml"],
+    ["--log-file", "/nonexistent/dir/credfs.log"],
 ], ids=lambda a: " ".join(a))
 def test_bad_option(backing: Path, mnt: Path, args: list[str]) -> None:
     r = run_cli("mount", backing, mnt, "--foreground", *args)
     assert r.returncode != 0, f"{args} accepted; stderr: {r.stderr!r}"
-    option = args[0].lstrip("-")
+    option = args[0].lstrip("-") if args[0] != "-o" else args[1].split("=")[0]
     assert option in r.stderr, f"stderr should name {option}: {r.stderr!r}"
+    assert len(r.stderr.strip().splitlines()) <= 3, f"not a short message: {r.stderr!r}"
     assert "Traceback" not in r.stderr, r.stderr
     assert not is_mounted(mnt)
 

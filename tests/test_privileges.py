@@ -3,6 +3,7 @@ they act for someone."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import signal
@@ -143,4 +144,11 @@ def test_service_mounter_drops_root(backing: Path, mnt: Path, mount_credfs: Any,
         assert set(cap_names(int(status["CapPrm"], 16))) == {"sys_admin"}, (tid, status)
         assert set(cap_names(int(status["CapEff"], 16))) <= {"sys_admin"}, (tid, status)
     assert "dropped root" in m.log
+    # No caller, not even the service user it now runs as, reads its environment
+    # or memory (both ask for ptrace access to it); and it is not dumpable: the
+    # kernel shows a non-dumpable process's /proc files as root's.
+    assert os.stat(f"/proc/{m.pid}/environ").st_uid == 0
+    service = make_agent(4000, 4000, [4000])
+    for what in ("environ", "mem"):
+        assert service.do("read", f"/proc/{m.pid}/{what}") == ("err", errno.EACCES), what
     assert m.stop() == 0, m.log
