@@ -13,16 +13,15 @@ import select
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from helpers.agents import Identity, UserAgent
+from helpers.cli import CLI_TIMEOUT, run_cli
 from helpers.mounts import CredfsMount, daemon_pids, is_mounted, kill_and_unmount, mounts_at
 
-CLI_TIMEOUT = 30.0
 EXIT_TIMEOUT = 10.0
 CREDFS_EXE = Path(sys.executable).parent / "credfs"  # the console script of this venv
 
@@ -31,29 +30,6 @@ CREDFS_EXE = Path(sys.executable).parent / "credfs"  # the console script of thi
 def _no_leftovers(mnt: Path) -> Iterator[None]:
     yield
     kill_and_unmount(mnt)
-
-
-def run_cli(*args: str | os.PathLike[str], exe: list[str] | None = None,
-            timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
-    """Run the CLI to completion with a bounded wait, killing it by pid on timeout.
-
-    Output goes to files, not pipes: a daemonized child that (wrongly) kept our
-    pipes open would otherwise make this wait for the daemon, not the command.
-    """
-    argv = [*(exe or [sys.executable, "-m", "credfs"]), *map(os.fspath, args)]
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                text=True, start_new_session=True)
-        try:
-            code = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            err.seek(0)
-            pytest.fail(f"{argv} did not finish in {timeout} s; stderr:\n{err.read()}")
-        out.seek(0)
-        err.seek(0)
-        return subprocess.CompletedProcess(argv, code, out.read(), err.read())
 
 
 def wait_for(cond: Callable[[], bool], timeout: float) -> bool:

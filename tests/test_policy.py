@@ -17,9 +17,6 @@ import os
 import pwd
 import re
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -27,6 +24,7 @@ from typing import Any
 
 import pytest
 from helpers.agents import Identity, Outcome, UserAgent
+from helpers.cli import run_cli
 from helpers.mounts import CredfsMount, is_mounted, kill_and_unmount
 from helpers.trees import Node, build_tree, diff_snapshots, snapshot
 
@@ -35,7 +33,6 @@ SHARED = POLICIES / "shared-mount.toml"
 CONTAINER = POLICIES / "container-volume.toml"
 ALICE, BOB, CAROL = 2001, 2002, 2003
 NOBODY = 65534  # has a passwd entry ("nobody"): the only agent {user} can match
-CLI_TIMEOUT = 30.0
 LOG_TIMEOUT = 10.0
 CREATE = os.O_CREAT | os.O_EXCL | os.O_WRONLY
 
@@ -44,25 +41,6 @@ AgentFactory = Callable[..., UserAgent]
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-def run_cli(*args: str | os.PathLike[str], timeout: float = CLI_TIMEOUT
-            ) -> subprocess.CompletedProcess[str]:
-    """`python -m credfs ARGS`, bounded; output through files (a daemon that kept
-    a pipe open must not make us wait for it)."""
-    argv = [sys.executable, "-m", "credfs", *map(os.fspath, args)]
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                text=True, start_new_session=True)
-        try:
-            code = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"{argv} did not finish in {timeout} s")
-        out.seek(0)
-        err.seek(0)
-        return subprocess.CompletedProcess(argv, code, out.read(), err.read())
 
 
 def write_policy(path: Path, text: str) -> Path:
