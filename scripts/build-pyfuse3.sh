@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Builds pyfuse3 with kernel FUSE passthrough into the venv given as $1.
+#
+# Debian 12 ships libfuse 3.14, which cannot ask the kernel for passthrough
+# (FOPEN_PASSTHROUGH needs libfuse >= 3.16), and pyfuse3 3.5 has no field for
+# a backing file. So: libfuse 3.17.2 from Debian's own source package (trixie;
+# checksum pinned), built as a shared library inside the venv, and pyfuse3
+# 3.5.0 from PyPI with scripts/pyfuse3-passthrough.patch (FileInfo.backing_id,
+# FileInfo.noflush, Operations.enable_passthrough), linked to it by rpath.
+# The system's fusermount3 and kernel are used as they are.
+#
+# Idempotent: does nothing when the venv's pyfuse3 already has backing_id.
+set -euo pipefail
+
+VENV=${1:?usage: build-pyfuse3.sh VENV}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+FUSE_VERSION=3.17.2
+FUSE_TARBALL=fuse3_${FUSE_VERSION}.orig.tar.gz
+FUSE_URL=http://deb.debian.org/debian/pool/main/f/fuse3/$FUSE_TARBALL
+FUSE_SHA256=3d932431ad94e86179e5265cddde1d67aa3bb2fb09a5bd35c641f86f2b5ed06f
+PYFUSE3_VERSION=3.5.0
+PREFIX=$VENV/libfuse-$FUSE_VERSION
+
+say() { printf 'build-pyfuse3: %s\n' "$*"; }
+die() { printf 'build-pyfuse3: error: %s\n' "$*" >&2; exit 1; }
+
+has_passthrough() {
+    (cd / && "$VENV/bin/python" -c '
+import pyfuse3, sys
+sys.exit(not hasattr(pyfuse3.FileInfo(), "backing_id"))' 2>/dev/null)
+}
+if has_passthrough; then
+    say "pyfuse3 with passthrough present"
+    exit 0
+fi
+
+WORK=$(mktemp -d /tmp/credfs-build.XXXXXX)
+trap 'rm -rf -- "$WORK"' EXIT
+export PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+say "build tools (meson, ninja, cython) into $WORK/tools"
+python3 -m venv "$WORK/tools"
+"$WORK/tools/bin/pip" install -q --progress-bar off meson ninja </dev/null
+
+if [[ ! -f $PREFIX/lib/libfuse3.so.4 ]]; then
+    say "libfuse $FUSE_VERSION from $FUSE_URL"
+    curl -fsS --retry 3 -o "$WORK/$FUSE_TARBALL" "$FUSE_URL" ||
+        die "cannot download $FUSE_URL"
+    echo "$FUSE_SHA256  $WORK/$FUSE_TARBALL" | sha256sum -c --quiet ||
+        die "$FUSE_TARBALL does not match its pinned sha256"
+    tar -xzf "$WORK/$FUSE_TARBALL" -C "$WORK"
+    (cd "$WORK/fuse-$FUSE_VERSION" &&
+        PATH=$WORK/tools/bin:$PATH meson setup build --prefix="$PREFIX" --libdir=lib \
+            -Dexamples=false -Dutils=false -Dtests=false \
+            -Dudevrulesdir="$WORK/udev" -Dinitscriptdir= >"$WORK/meson.log" 2>&1 &&
+        PATH=$WORK/tools/bin:$PATH meson install -C build >>"$WORK/meson.log" 2>&1) ||
+        { tail -30 "$WORK/meson.log" >&2; die "libfuse build failed"; }
+fi
+
+say "pyfuse3 $PYFUSE3_VERSION with scripts/pyfuse3-passthrough.patch"
+"$VENV/bin/python" -m pip download -q --no-deps --no-binary :all: -d "$WORK" \
+    "pyfuse3==$PYFUSE3_VERSION" </dev/null 2> >(grep -v "is ignored: it is neither" >&2)
+tar -xzf "$WORK/pyfuse3-$PYFUSE3_VERSION.tar.gz" -C "$WORK"
+src=$WORK/pyfuse3-$PYFUSE3_VERSION
+patch -s -d "$src" -p1 <"$HERE/pyfuse3-passthrough.patch" || die "patch does not apply"
+rm -f "$src/src/pyfuse3/__init__.c"  # generated from the unpatched .pyx: regenerate
+PKG_CONFIG_PATH=$PREFIX/lib/pkgconfig LDFLAGS="-Wl,-rpath,$PREFIX/lib" \
+    SETUPTOOLS_SCM_PRETEND_VERSION=$PYFUSE3_VERSION \
+    "$VENV/bin/python" -m pip install -q --progress-bar off --force-reinstall --no-deps \
+    "$src" </dev/null 2> >(grep -v "is ignored: it is neither" >&2) ||
+    die "pyfuse3 build failed"
+has_passthrough || die "the built pyfuse3 has no FileInfo.backing_id"
+say "pyfuse3 $PYFUSE3_VERSION on libfuse $FUSE_VERSION installed in $VENV"
