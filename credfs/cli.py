@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--workers", type=int, default=16, help="worker threads (default 16)")
     m.add_argument("--cache", choices=[c.value for c in CacheMode], default="auto",
                    help="attribute/entry authority: none, auto (default), always")
+    m.add_argument("--passthrough", choices=("auto", "never"), default="auto",
+                   help="kernel FUSE passthrough for reads and writes of open files: auto "
+                        "(default: when the kernel, pyfuse3 and privileges allow it and the "
+                        "backing filesystem is local) or never")
     m.add_argument("--missing-groups", choices=("deny", "nss"), default="deny",
                    help="when a caller's groups cannot be read from /proc: deny (default) or "
                         "take them from the group database")
@@ -90,6 +94,7 @@ def _options(args: argparse.Namespace) -> MountOptions:
     opts = MountOptions(
         source=args.source, mountpoint=args.mountpoint, creds=args.creds or "caller",
         mounter=args.mounter, cache=CacheMode(args.cache), workers=args.workers,
+        passthrough=args.passthrough,
         missing_groups=args.missing_groups, foreground=args.foreground,
         log_level=args.log_level, log_file=args.log_file, policy=args.policy,
         uid_map=args.uid_map, gid_map=args.gid_map, caller_caps=args.caller_caps)

@@ -156,21 +156,24 @@ class InodeTable:
             return st.st_ino
         return next(self._private_ids)
 
-    def forget(self, node: int, count: int) -> None:
+    def forget(self, node: int, count: int) -> bool:
+        """Drop count kernel references; True when the node is gone."""
         inode = self._by_node.get(node)
         if inode is None or node == pyfuse3.ROOT_INODE:
-            return
+            return False
         inode.lookups -= count
-        if inode.lookups <= 0:
-            del self._by_node[node]
-            del self._by_key[inode.key]
-            if inode.view:
-                views = self._views[inode.key[:2]]
-                views.discard(inode)
-                if not views:
-                    del self._views[inode.key[:2]]
-            if inode.fd >= 0:
-                os.close(inode.fd)
+        if inode.lookups > 0:
+            return False
+        del self._by_node[node]
+        del self._by_key[inode.key]
+        if inode.view:
+            views = self._views[inode.key[:2]]
+            views.discard(inode)
+            if not views:
+                del self._views[inode.key[:2]]
+        if inode.fd >= 0:
+            os.close(inode.fd)
+        return True
 
     def directories_with_cached_names(self) -> list[Inode]:
         return [i for i in self._by_node.values() if i.cached_names]

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from . import backing, kernelmount, notify, privileges, syscalls
+from . import backing, kernelmount, notify, passthrough, privileges, syscalls
 from .cache import CachePolicy
 from .caller import CallerResolver
 from .creds import Credentials
@@ -27,6 +27,7 @@ from .inodes import InodeTable
 from .notify import KernelNotifier
 from .operations import Operations
 from .options import MountOptions
+from .passthrough import Passthrough
 from .policy import load_policy
 from .workers import WorkerPool
 
@@ -99,6 +100,35 @@ def build_identity(opts: MountOptions, mounter: Credentials | None
     return MounterIdentity(mounter, resolver), None
 
 
+def plan_passthrough(opts: MountOptions, is_root: bool, root_fd: int,
+                     identity: IdentitySource, pool: WorkerPool
+                     ) -> tuple[Passthrough | None, str]:
+    """Whether open files may use kernel FUSE passthrough, and why (for the log)."""
+    if opts.passthrough == "never":
+        return None, "passthrough off (--passthrough never)"
+    if not passthrough.binding_supports():
+        return None, "passthrough unavailable (pyfuse3 without backing_id: " \
+                     "see scripts/build-pyfuse3.sh)"
+    if not is_root:
+        return None, "passthrough unavailable (needs CAP_SYS_ADMIN)"
+    fs = passthrough.LOCAL_FILESYSTEMS.get(syscalls.fs_type(root_fd))
+    if fs is None:
+        return None, "passthrough off (backing filesystem not known to be local)"
+    mounter = identity.recorded if isinstance(identity, MounterIdentity) else None
+    registrar = passthrough.registrar_for(mounter)
+    return passthrough.Passthrough(registrar, pool), \
+        f"passthrough on ({fs}; reads and writes as {registrar.describe()})"
+
+
+def skip_flush(root_fd: int) -> bool:
+    """May the kernel skip FUSE_FLUSH on close (FOPEN_NOFLUSH)? A flush is
+    close(dup(fd)) on the backing file: on a local filesystem that reports
+    nothing, and credfs keeps no POSIX locks (the kernel keeps them itself).
+    Dirty pages of a shared mapping are still written back when it is unmapped."""
+    return passthrough.binding_supports() and \
+        syscalls.fs_type(root_fd) in passthrough.LOCAL_FILESYSTEMS
+
+
 def serve(opts: MountOptions, ready: Ready) -> int:
     """Mount and serve until unmounted or signalled. Returns the exit status."""
     # From here on a stop signal must never kill us between mounting and
@@ -124,14 +154,17 @@ def serve(opts: MountOptions, ready: Ready) -> int:
     if isinstance(identity, MounterIdentity):
         opts.default_permissions = True
     notifier = KernelNotifier(None)
+    io_passthrough, passthrough_note = plan_passthrough(opts, is_root, root_fd, identity, pool)
     ops = Operations(table, pool, identity, cache, kernel_applies_umask=not is_root,
-                     notifier=notifier, gate=gate, idmap=opts.idmap)
+                     notifier=notifier, gate=gate, idmap=opts.idmap,
+                     passthrough=io_passthrough, noflush=skip_flush(root_fd))
 
     summary = (f"credfs: serving {os.path.abspath(opts.source)} at "
                f"{os.path.abspath(opts.mountpoint)}; {ops.describe()}; cache "
                f"{cache.mode.value} (timeout {cache.timeout:g}s); {opts.workers} workers; "
                f"up to ~{max(fd_limit - 64, 0)} inodes (RLIMIT_NOFILE {fd_limit}); "
-               f"capabilities kept: {', '.join(kept) or 'none'}"
+               f"capabilities kept: {', '.join(kept) or 'none'}; {passthrough_note}"
+               + ("; close sends no FLUSH (local backing)" if ops.noflush else "")
                + (f"; {opts.idmap.describe()}" if opts.idmap else ""))
     if is_root:
         fuse_fd = kernelmount.mount_fuse(opts, allow_other)
@@ -147,6 +180,8 @@ def serve(opts: MountOptions, ready: Ready) -> int:
                 fuse_opts.add("default_permissions")
             pyfuse3.init(ops, opts.mountpoint, fuse_opts)
         notifier.attach(notify.find_fuse_fd())
+        if io_passthrough is not None:
+            io_passthrough.dev_fd = notifier.fd
         backing.refuse_device(kernelmount.device_of_mount(opts.mountpoint))
         if is_root and privilege_mode(opts, mounter) == "mounter-unprivileged" \
                 and not opts.policy:

@@ -32,6 +32,7 @@ from .identity import IdentitySource
 from .idmap import IdMapping
 from .inodes import Inode, InodeTable
 from .notify import KernelNotifier
+from .passthrough import Choice, Io, Passthrough, kills_setid, write_effects_match
 from .policy import Decision, ObjectFacts
 from .workers import WorkerPool
 
@@ -92,6 +93,7 @@ class Handle:
     kill_privs: bool = False  # writes must clear setuid/setgid (see IdentitySource)
     entries: list[backing.DirEntry] | None = None
     node: int = 0
+    io: Io = Io.CACHED  # how the kernel does this open file's reads and writes
     filters: tuple[str, ...] = ()  # data filters decided at open, applied to every read
     # readdir: the opener's lookup decision for a name (needs_object: give the file)
     decide: Callable[[str, bytes, ObjectFacts | None], Decision] | None = None
@@ -100,16 +102,24 @@ class Handle:
     listed_refused: set[bytes] = dataclasses.field(default_factory=set)  # listed, lookup denied
 
 
+_CACHED = Choice(Io.CACHED)
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
+    enable_passthrough = False
 
     def __init__(self, table: InodeTable, pool: WorkerPool, identity: IdentitySource,
                  cache: CachePolicy, kernel_applies_umask: bool,
                  notifier: KernelNotifier, gate: PolicyGate | None = None,
-                 idmap: IdMapping | None = None) -> None:
+                 idmap: IdMapping | None = None,
+                 passthrough: Passthrough | None = None, noflush: bool = False) -> None:
         super().__init__()
+        self.passthrough = passthrough
+        self.noflush = noflush
+        self.enable_passthrough = passthrough is not None
         self.idmap = idmap  # None: ids pass unchanged (no cost per request)
         self.table = table
         self.pool = pool
@@ -333,7 +343,8 @@ class Operations(pyfuse3.Operations):
 
     def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for node, count in inode_list:
-            self.table.forget(node, count)
+            if self.table.forget(node, count) and self.passthrough is not None:
+                self.passthrough.forgotten(node)
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext
                       ) -> pyfuse3.EntryAttributes:
@@ -555,10 +566,12 @@ class Operations(pyfuse3.Operations):
             # the mounter truncating for the caller may hold CAP_FSETID.
             await self._run(creds, backing.kill_privileges, fd)
         handle = Handle(fd, creds, node=inode)
-        if flags & os.O_ACCMODE != os.O_RDONLY:
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        if writable:
             handle.kill_privs = act.source.kills_privileges(ctx)
         handle.filters = node.view
-        fi = self._file_info(self._new_handle(handle))
+        fi = self._file_info(self._new_handle(handle),
+                             await self._choose_io(node, handle, writable))
         if node.view:
             # The filters' spans are found now, not on the first read. The page
             # cache of this node holds filtered pages of the version it was
@@ -569,9 +582,26 @@ class Operations(pyfuse3.Operations):
             node.cached_version = version
         return fi
 
-    def _file_info(self, fh: int) -> pyfuse3.FileInfo:
+    async def _choose_io(self, node: Inode, handle: Handle, writable: bool) -> Choice:
+        """Passthrough, page cache or direct I/O for a new open file of node."""
+        if self.passthrough is None:
+            return _CACHED
+        may_share = not writable or write_effects_match(
+            handle.creds, kills_setid(handle.creds, handle.kill_privs),
+            self.passthrough.registrar, os.fstat(handle.fd).st_mode)
+        choice = await self.passthrough.choose(node.node, node.fd, node.mode,
+                                               bool(node.view), may_share)
+        handle.io = choice.io
+        return choice
+
+    def _file_info(self, fh: int, choice: Choice) -> pyfuse3.FileInfo:
         fi = pyfuse3.FileInfo(fh=fh)
-        fi.keep_cache = self.cache.keep_page_cache
+        fi.keep_cache = self.cache.keep_page_cache and choice.keep_cache
+        if self.noflush:
+            fi.noflush = True
+        if choice.io is not Io.CACHED:
+            fi.backing_id = choice.backing_id
+            fi.direct_io = choice.io is Io.DIRECT
         return fi
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -597,7 +627,9 @@ class Operations(pyfuse3.Operations):
         entry = await self._created(act, self._enter(parent, name, found, epoch))
         handle = Handle(fd, creds, node=entry.st_ino,
                         kill_privs=act.source.kills_privileges(ctx))
-        return self._file_info(self._new_handle(handle)), entry
+        choice = await self._choose_io(self.table.get(entry.st_ino), handle,
+                                       flags & os.O_ACCMODE != os.O_RDONLY)
+        return self._file_info(self._new_handle(handle), choice), entry
 
     async def _create_existing(self, parent: Inode, name: bytes, flags: int,
                                existing: tuple[bool, int | None],
@@ -644,6 +676,8 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)
         if h is not None:
+            if self.passthrough is not None:
+                self.passthrough.released(h.node, h.io)
             await self._run(h.creds, backing.close, h.fd)
 
     async def fsync(self, fh: int, datasync: bool) -> None:

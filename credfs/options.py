@@ -48,6 +48,7 @@ class MountOptions:
     mounter: str | None = None
     cache: CacheMode = CacheMode.AUTO
     workers: int = 16
+    passthrough: str = "auto"  # auto | never
     missing_groups: str = "deny"
     foreground: bool = False
     log_level: str = "INFO"

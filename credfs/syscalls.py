@@ -145,6 +145,13 @@ def capset_thread(effective: int, permitted: int, inheritable: int) -> None:
     _check(_syscall(NR["capset"], ctypes.byref(hdr), data))
 
 
+def fs_type(fd: int) -> int:
+    """f_type of the filesystem fd is on (fstatfs; struct statfs starts with it)."""
+    buf = ctypes.create_string_buffer(128)
+    _check(_libc.fstatfs(fd, buf))
+    return int.from_bytes(buf.raw[:8], sys.byteorder)
+
+
 def unshare_fs() -> None:
     """Give the calling thread its own fs_struct, so umask() is per thread."""
     _check(_syscall(NR["unshare"], CLONE_FS))

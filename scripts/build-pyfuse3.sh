@@ -10,6 +10,9 @@
 # The system's fusermount3 and kernel are used as they are.
 #
 # Idempotent: does nothing when the venv's pyfuse3 already has backing_id.
+# Exit status 3: the pinned libfuse source could not be fetched (credfs then
+# runs with the stock pyfuse3, without passthrough); anything else non-zero is
+# a build failure.
 set -euo pipefail
 
 VENV=${1:?usage: build-pyfuse3.sh VENV}
@@ -45,7 +48,7 @@ python3 -m venv "$WORK/tools"
 if [[ ! -f $PREFIX/lib/libfuse3.so.4 ]]; then
     say "libfuse $FUSE_VERSION from $FUSE_URL"
     curl -fsS --retry 3 -o "$WORK/$FUSE_TARBALL" "$FUSE_URL" ||
-        die "cannot download $FUSE_URL"
+        { printf 'build-pyfuse3: cannot download %s\n' "$FUSE_URL" >&2; exit 3; }
     echo "$FUSE_SHA256  $WORK/$FUSE_TARBALL" | sha256sum -c --quiet ||
         die "$FUSE_TARBALL does not match its pinned sha256"
     tar -xzf "$WORK/$FUSE_TARBALL" -C "$WORK"

@@ -16,9 +16,10 @@ STAMP="$VENV/.credfs-setup"
 # newuidmap/newgidmap for the rootless-container test; shellcheck: lints
 # containers/entrypoint.sh in the tests; libimage-exiftool-perl, ffmpeg:
 # independent writers and reader of location metadata for the location-redaction
-# tests (tests/test_location.py).
+# tests (tests/test_location.py). curl, patch: scripts/build-pyfuse3.sh fetches
+# libfuse 3.17 from Debian's source pool and patches pyfuse3 (FUSE passthrough).
 PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev libcap-dev acl attr util-linux
-          uidmap shellcheck libimage-exiftool-perl ffmpeg)
+          uidmap shellcheck libimage-exiftool-perl ffmpeg curl patch)
 
 say() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
@@ -56,6 +57,15 @@ else
     [[ -e $VENV ]] && { say "removing unusable venv $VENV"; rm -rf "$VENV"; }
     say "creating venv $VENV with $(command -v "$PYTHON") ($("$PYTHON" -V 2>&1))"
     "$PYTHON" -m venv "$VENV"
+fi
+
+# --- pyfuse3 with FUSE passthrough (before credfs, which then finds it) --------
+status=0
+bash "$ROOT/scripts/build-pyfuse3.sh" "$VENV" || status=$?
+if ((status == 3)); then
+    say "WARNING: libfuse 3.17 source unavailable: pyfuse3 from PyPI, credfs without passthrough"
+elif ((status)); then
+    die "building pyfuse3 with passthrough failed (scripts/build-pyfuse3.sh)"
 fi
 
 # --- credfs and its test dependencies ---------------------------------------

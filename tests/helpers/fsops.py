@@ -573,3 +573,22 @@ def lstat_each(paths: list[str]) -> list[tuple[str, int]]:
         except OSError as e:
             out.append(("err", e.errno or 0))
     return out
+
+
+def utime_ns(path: str, ns: tuple[int, int]) -> None:
+    os.utime(path, ns=ns)
+
+
+def mmap_write_close(path: str, offset: int, data: bytes) -> None:
+    """Open read-write, write data through a shared mapping, unmap, close: no
+    write(), no fsync, no msync."""
+    import mmap
+
+    fd = os.open(path, os.O_RDWR)
+    try:
+        m = mmap.mmap(fd, offset + len(data), mmap.MAP_SHARED,
+                      mmap.PROT_READ | mmap.PROT_WRITE)
+        m[offset:offset + len(data)] = data
+        m.close()
+    finally:
+        os.close(fd)

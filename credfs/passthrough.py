@@ -1,0 +1,227 @@
+"""Kernel FUSE passthrough: reads and writes of an open file go from the kernel
+straight to the backing file, never through the daemon.
+
+How it keeps credfs's rule that every backing operation runs as the right
+identity:
+
+- The open is still done by a worker as the caller (or as the policy says).
+  Only when that succeeded does the reply tell the kernel to use the backing
+  file (FOPEN_PASSTHROUGH with a backing id).
+- Reading or writing an open file checks no permission. What the writer's
+  identity still decides are side effects of writing: setuid/setgid bits are
+  cleared unless the writer holds CAP_FSETID, and ext4 lets fsuid 0 (its
+  resuid) and CAP_SYS_RESOURCE use the reserved blocks.
+- The kernel records the credentials of the thread that registers a backing
+  file (FUSE_DEV_IOC_BACKING_OPEN) and uses them for every passthrough read and
+  write of it, like overlayfs's override_creds. credfs registers every file as
+  one *registrar*: in caller and policy modes a neutral identity (uid and gid
+  65534, no groups, only CAP_SYS_ADMIN, which the ioctl requires); in mounter
+  mode the mounter, with only CAP_SYS_ADMIN. A writable open uses passthrough
+  only when its writes would have the registrar's side effects (see
+  write_effects_match: never for a file with setuid/setgid bits at open);
+  any other writer's writes go through the daemon. A setid bit set on a file
+  while it is open for passthrough writes is cleared by the next write as
+  for a writer outside the file's group without CAP_FSETID.
+- The kernel lets the open files of one inode use one backing file or the page
+  cache, never both at once (iomode.c: every open of an inode open for
+  passthrough must be a passthrough open, and none while the page cache is in
+  use). credfs counts each node's open files per mode and answers
+  accordingly: while a node has passthrough opens, a writer that may not share
+  them gets passthrough with direct I/O (the kernel then sends its reads and
+  writes to the daemon, which does them as that writer, and maps it through
+  the backing file); while it has page-cache opens, new opens join them.
+- Nodes of filtered views (redaction) never use passthrough: every read of
+  them must go through the filter.
+
+The registration is one per node, made at its first passthrough open from the
+node's O_PATH descriptor and dropped when the kernel forgets the node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import errno
+import fcntl
+import logging
+import stat
+import struct
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from .creds import CAP_FSETID, CAP_SYS_ADMIN, CredentialError, Credentials, cap_bit
+from .workers import WorkerPool
+
+log = logging.getLogger(__name__)
+
+# linux/fuse.h: _IOW(229, 1, struct fuse_backing_map) and _IOW(229, 2, uint32_t).
+FUSE_DEV_IOC_BACKING_OPEN = 0x4010E501
+FUSE_DEV_IOC_BACKING_CLOSE = 0x4004E502
+CAP_SYS_RESOURCE = 24
+NEUTRAL_ID = 65534
+
+# Backing filesystems whose read and write do not depend on the opener's
+# credentials beyond the side effects above (network filesystems authenticate
+# each request with them; another FUSE filesystem may do anything).
+LOCAL_FILESYSTEMS = {
+    0xEF53: "ext2/3/4", 0x58465342: "xfs", 0x9123683E: "btrfs", 0x01021994: "tmpfs",
+    0xF2F52010: "f2fs",
+}
+
+
+def binding_supports() -> bool:
+    """True when pyfuse3 was built with backing_id (scripts/build-pyfuse3.sh)."""
+    return hasattr(pyfuse3.FileInfo(), "backing_id")
+
+
+def register(dev_fd: int, fd: int) -> int:
+    """FUSE_DEV_IOC_BACKING_OPEN: the backing id for the file fd refers to,
+    recorded with the calling thread's credentials."""
+    arg = bytearray(struct.pack("=iIQ", fd, 0, 0))  # struct fuse_backing_map
+    return fcntl.ioctl(dev_fd, FUSE_DEV_IOC_BACKING_OPEN, arg, True)
+
+
+def unregister(dev_fd: int, backing_id: int) -> None:
+    fcntl.ioctl(dev_fd, FUSE_DEV_IOC_BACKING_CLOSE, bytearray(struct.pack("=I", backing_id)),
+                True)
+
+
+def registrar_for(mounter: Credentials | None) -> Credentials:
+    """The credentials passthrough reads and writes run with."""
+    if mounter is not None:
+        return dataclasses.replace(mounter, caps=cap_bit(CAP_SYS_ADMIN))
+    return Credentials(NEUTRAL_ID, NEUTRAL_ID, (), cap_bit(CAP_SYS_ADMIN))
+
+
+def write_effects_match(writer: Credentials, kills_setid: bool, registrar: Credentials,
+                        file_mode: int) -> bool:
+    """Would the writer's writes to a file of file_mode have exactly the
+    registrar's side effects?
+
+    kills_setid: the writer's writes clear setuid/setgid bits (the daemon
+    clears them itself or the writer lacks CAP_FSETID). The registrar never
+    holds CAP_FSETID or CAP_SYS_RESOURCE, so its writes always clear them and
+    use the reserved blocks only by being fsuid 0. Whether a write clears a
+    setgid bit without group execute also depends on the writer's groups: a
+    file with setuid or setgid bits is never shared.
+    """
+    return not file_mode & (stat.S_ISUID | stat.S_ISGID) and kills_setid \
+        and not writer.caps & cap_bit(CAP_SYS_RESOURCE) \
+        and (writer.uid == 0) == (registrar.uid == 0)
+
+
+def kills_setid(creds: Credentials, daemon_kills: bool) -> bool:
+    return daemon_kills or not creds.caps & cap_bit(CAP_FSETID)
+
+
+class Io(enum.Enum):
+    CACHED = "cached"  # the kernel's page cache, filled through the daemon
+    PASSTHROUGH = "passthrough"
+    # Reads and writes through the daemon, mmap through the backing file: for a
+    # writer that may not share the registrar's identity while others do.
+    DIRECT = "passthrough+direct_io"
+
+
+@dataclass(slots=True)
+class _NodeIo:
+    backing_id: int = 0  # registered for this node (0: not yet)
+    passthrough: int = 0  # open files using it
+    cached: int = 0  # open files using the page cache
+    registering: trio.Event | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    io: Io
+    backing_id: int = 0
+
+    @property
+    def keep_cache(self) -> bool:
+        # A passthrough open may not keep the page cache (the kernel refuses
+        # FOPEN_KEEP_CACHE with it): it drops the node's cached pages, so
+        # none cached before passthrough writes outlive them.
+        return self.io is Io.CACHED
+
+
+_CACHED = Choice(Io.CACHED)
+
+
+class Passthrough:
+    """Which open files of which nodes use passthrough, and their registrations."""
+
+    def __init__(self, registrar: Credentials, pool: WorkerPool) -> None:
+        self.registrar = registrar
+        self._pool = pool
+        self.dev_fd: int | None = None
+        self.enabled = True
+        self._nodes: dict[int, _NodeIo] = {}
+
+    async def choose(self, node: int, node_fd: int, mode: int, filtered: bool,
+                     may_share: bool) -> Choice:
+        """How a new open file of node does its I/O (counted until released).
+
+        may_share: reads only, or writes with the registrar's side effects.
+        """
+        st = self._nodes.get(node)
+        if st is None:
+            if not self.enabled or filtered or not stat.S_ISREG(mode) or self.dev_fd is None:
+                return _CACHED  # never passthrough: nothing to count
+            st = self._nodes[node] = _NodeIo()
+        while st.registering is not None:  # one registration per node
+            await st.registering.wait()
+        if st.passthrough:
+            st.passthrough += 1
+            return Choice(Io.PASSTHROUGH if may_share else Io.DIRECT, st.backing_id)
+        if st.cached or not may_share or not self.enabled:
+            return self._cached(st)
+        if not st.backing_id:
+            st.registering = trio.Event()
+            try:
+                st.backing_id = await self._register(node_fd)
+            finally:
+                st.registering.set()
+                st.registering = None
+            if not st.backing_id:
+                return self._cached(st)
+        st.passthrough += 1
+        return Choice(Io.PASSTHROUGH, st.backing_id)
+
+    def _cached(self, st: _NodeIo) -> Choice:
+        st.cached += 1
+        return _CACHED
+
+    async def _register(self, node_fd: int) -> int:
+        assert self.dev_fd is not None
+        try:
+            return await self._pool.run(self.registrar, 0, register, self.dev_fd, node_fd)
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                return 0  # a shortage: this open uses the page cache
+            reason = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        except CredentialError as exc:
+            reason = str(exc)
+        # The kernel or the daemon's privileges do not allow it: for good.
+        self.enabled = False
+        log.warning("FUSE passthrough unavailable (%s); reads and writes go through the daemon",
+                    reason)
+        return 0
+
+    def released(self, node: int, io: Io) -> None:
+        st = self._nodes.get(node)
+        if st is None:
+            return
+        if io is not Io.CACHED:
+            st.passthrough -= 1
+        elif io is Io.CACHED:
+            st.cached -= 1
+
+    def forgotten(self, node: int) -> None:
+        """The kernel forgot the node: no open file of it remains."""
+        st = self._nodes.pop(node, None)
+        if st is not None and st.backing_id and self.dev_fd is not None:
+            try:
+                unregister(self.dev_fd, st.backing_id)
+            except OSError as exc:
+                log.warning("closing backing id %d: %s", st.backing_id, exc)
