@@ -20,6 +20,7 @@ CAP_FSETID = 4
 CAP_SETGID = 6
 CAP_SETUID = 7
 CAP_SYS_ADMIN = 21
+CAP_SETFCAP = 31
 
 CAP_NAMES = {
     0: "chown", 1: "dac_override", 2: "dac_read_search", 3: "fowner", 4: "fsetid",

@@ -26,7 +26,14 @@ from pyfuse3 import FUSEError
 
 from . import acl, backing, caller, filters, syscalls
 from .cache import CachePolicy, NameCache
-from .creds import CAP_DAC_READ_SEARCH, CAP_SYS_ADMIN, CredentialError, Credentials, cap_bit
+from .creds import (
+    CAP_DAC_READ_SEARCH,
+    CAP_SETFCAP,
+    CAP_SYS_ADMIN,
+    CredentialError,
+    Credentials,
+    cap_bit,
+)
 from .gate import Act, NeedsObject, PolicyGate, refuse_unknown_caller
 from .identity import IdentitySource
 from .idmap import IdMapping
@@ -103,6 +110,9 @@ class Handle:
 
 
 _CACHED = Choice(Io.CACHED)
+_CAPS_XATTR = b"security.capability"
+# Removes file capabilities for the kernel's kill (see _kill_caps_for_writer).
+_CAPS_KILLER = Credentials(0, 0, (), cap_bit(CAP_SETFCAP))
 
 
 class Operations(pyfuse3.Operations):
@@ -110,6 +120,14 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
     enable_passthrough = False
+    # Setuid/setgid bits and file capabilities are cleared by the backing
+    # filesystem itself, because every write, truncate and chown runs there as
+    # the caller, or is followed by an explicit kill where the acting
+    # credentials are not the caller's (IdentitySource.kills_privileges). So
+    # the kernel need not ask for security.capability, nor send a chmod, before
+    # every write (FUSE_HANDLE_KILLPRIV_V2; with a pyfuse3 built by
+    # scripts/build-pyfuse3.sh, otherwise see _kill_setid_for_writer).
+    enable_killpriv_v2 = True
 
     def __init__(self, table: InodeTable, pool: WorkerPool, identity: IdentitySource,
                  cache: CachePolicy, kernel_applies_umask: bool,
@@ -431,6 +449,24 @@ class Operations(pyfuse3.Operations):
                         backing.AttrChange(mode=change.mode))
         rest = dataclasses.replace(change, mode=None)
         return await self._run(creds, backing.setattr_, node.fd, fd, rest)
+
+    async def _kill_caps_for_writer(self, node: Inode, creds: Credentials,
+                                    ctx: pyfuse3.RequestContext) -> None:
+        """The kernel's own removal of file capabilities before a write or
+        truncate (file_remove_privs). Natively it needs no right at all; over
+        FUSE it arrives as removexattr("security.capability") from the writer,
+        which the backing filesystem refuses without CAP_SETFCAP. So a caller
+        who may write the file and whose thread is in a write, truncate or
+        O_TRUNC open (the kernel acting for it, not a removexattr it asked for)
+        has it removed with CAP_SETFCAP alone, and nothing else."""
+        syscall = caller.current_syscall(ctx.pid) if ctx.pid > 0 else None
+        if syscall not in syscalls.KILL_PRIV_FAMILY:
+            raise FUSEError(errno.EPERM)  # the caller's own removexattr: refused as natively
+        try:
+            await self._run(creds, backing.access, node.fd, os.W_OK)
+        except FUSEError:
+            raise FUSEError(errno.EPERM) from None
+        await self._run(_CAPS_KILLER, backing.removexattr, node.fd, _CAPS_XATTR)
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         node = self.table.get(inode)
@@ -871,7 +907,12 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EPERM)
         node = self.table.get(inode)
         creds = self._act(ctx, "xattr", node).creds
-        await self._run(creds, backing.removexattr, node.fd, name)
+        try:
+            await self._run(creds, backing.removexattr, node.fd, name)
+        except FUSEError as exc:
+            if exc.errno != errno.EPERM or name != _CAPS_XATTR:
+                raise
+            await self._kill_caps_for_writer(node, creds, ctx)
         if name in _ACL_NAMES and node.is_dir:
             await self._stat_dir_after_change(node, creds)
 

@@ -27,6 +27,7 @@ _NR = {
         "write": 1, "pwrite64": 18, "writev": 20, "pwritev": 296, "pwritev2": 328,
         "copy_file_range": 326, "sendfile": 40, "splice": 275, "fallocate": 285,
         "io_submit": 209, "io_uring_enter": 426,
+        "truncate": 76, "ftruncate": 77, "open": 2, "openat": 257, "openat2": 437, "creat": 85,
     },
     "aarch64": {
         "setgroups": 159, "getgroups": 158, "setfsuid": 151, "setfsgid": 152,
@@ -35,6 +36,7 @@ _NR = {
         "write": 64, "pwrite64": 68, "writev": 66, "pwritev": 70, "pwritev2": 287,
         "copy_file_range": 285, "sendfile": 71, "splice": 76, "fallocate": 47,
         "io_submit": 2, "io_uring_enter": 426,
+        "truncate": 45, "ftruncate": 46, "openat": 56, "openat2": 437,
     },
 }
 try:
@@ -47,6 +49,10 @@ except KeyError as exc:  # pragma: no cover - refuse rather than guess numbers
 WRITE_FAMILY = frozenset(NR[n] for n in (
     "write", "pwrite64", "writev", "pwritev", "pwritev2", "copy_file_range", "sendfile",
     "splice", "fallocate", "io_submit", "io_uring_enter"))
+# ... and during which it also removes file capabilities (security.capability):
+# writes, truncates and opens with O_TRUNC.
+KILL_PRIV_FAMILY = WRITE_FAMILY | frozenset(
+    NR[n] for n in ("truncate", "ftruncate", "open", "openat", "openat2", "creat") if n in NR)
 
 AT_EMPTY_PATH = 0x1000
 AT_SYMLINK_NOFOLLOW = 0x100

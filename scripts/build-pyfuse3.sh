@@ -6,10 +6,12 @@
 # a backing file. So: libfuse 3.17.2 from Debian's own source package (trixie;
 # checksum pinned), built as a shared library inside the venv, and pyfuse3
 # 3.5.0 from PyPI with scripts/pyfuse3-passthrough.patch (FileInfo.backing_id,
-# FileInfo.noflush, Operations.enable_passthrough), linked to it by rpath.
+# FileInfo.noflush, Operations.enable_passthrough and .enable_killpriv_v2),
+# linked to it by rpath.
 # The system's fusermount3 and kernel are used as they are.
 #
-# Idempotent: does nothing when the venv's pyfuse3 already has backing_id.
+# Idempotent: does nothing when the venv's pyfuse3 was built from this patch
+# (a stamp in the venv holds the patch's sha256).
 # Exit status 3: the pinned libfuse source could not be fetched (credfs then
 # runs with the stock pyfuse3, without passthrough); anything else non-zero is
 # a build failure.
@@ -23,6 +25,8 @@ FUSE_URL=http://deb.debian.org/debian/pool/main/f/fuse3/$FUSE_TARBALL
 FUSE_SHA256=3d932431ad94e86179e5265cddde1d67aa3bb2fb09a5bd35c641f86f2b5ed06f
 PYFUSE3_VERSION=3.5.0
 PREFIX=$VENV/libfuse-$FUSE_VERSION
+STAMP=$VENV/.credfs-pyfuse3-patch
+PATCH_SUM=$(sha256sum "$HERE/pyfuse3-passthrough.patch" | cut -d' ' -f1)
 
 say() { printf 'build-pyfuse3: %s\n' "$*"; }
 die() { printf 'build-pyfuse3: error: %s\n' "$*" >&2; exit 1; }
@@ -32,10 +36,11 @@ has_passthrough() {
 import pyfuse3, sys
 sys.exit(not hasattr(pyfuse3.FileInfo(), "backing_id"))' 2>/dev/null)
 }
-if has_passthrough; then
+if [[ -f $STAMP && $(cat "$STAMP") == "$PATCH_SUM" ]] && has_passthrough; then
     say "pyfuse3 with passthrough present"
     exit 0
 fi
+rm -f "$STAMP"
 
 WORK=$(mktemp -d /tmp/credfs-build.XXXXXX)
 trap 'rm -rf -- "$WORK"' EXIT
@@ -73,4 +78,5 @@ PKG_CONFIG_PATH=$PREFIX/lib/pkgconfig LDFLAGS="-Wl,-rpath,$PREFIX/lib" \
     "$src" </dev/null 2> >(grep -v "is ignored: it is neither" >&2) ||
     die "pyfuse3 build failed"
 has_passthrough || die "the built pyfuse3 has no FileInfo.backing_id"
+printf '%s\n' "$PATCH_SUM" >"$STAMP"
 say "pyfuse3 $PYFUSE3_VERSION on libfuse $FUSE_VERSION installed in $VENV"

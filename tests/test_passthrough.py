@@ -192,3 +192,36 @@ def test_close_without_flush_keeps_mapped_writes(who: str, mount_credfs: MountFa
         a.call("mmap_write_close", os.fspath(base / "f"), 4096, b"mapped write")
     assert (backing / "f").read_bytes() == (native / "f").read_bytes()
     assert (backing / "f").read_bytes()[4096:4108] == b"mapped write"
+
+
+# VFS_CAP_REVISION_2 with the effective flag, CAP_NET_RAW permitted.
+FILE_CAPS = (0x02000001).to_bytes(4, "little") + (1 << 13).to_bytes(4, "little") + bytes(12)
+
+
+@pytest.mark.parametrize(("who", "op", "args"), [
+    ("alice", "write", (b"x",)),            # passthrough: the registrar's write clears it
+    ("root", "write", (b"x",)),             # root's write goes through the daemon
+    ("alice", "truncate", (3,)),
+    ("root", "chown", (2002, 2002)),
+    ("alice", "removexattr", ("security.capability",)),  # asked for: refused as natively
+    ("bob", "write", (b"x",)),                   # may not write: refused, caps stay
+])
+def test_file_capabilities_cleared_as_natively(who: str, op: str, args: tuple[object, ...],
+                                               mount_credfs: MountFactory, backing: Path,
+                                               native: Path, mnt: Path,
+                                               agents: dict[str, UserAgent]) -> None:
+    """A write, truncate or chown removes security.capability (and setuid
+    bits) exactly as natively: the kernel leaves it to credfs
+    (FUSE_HANDLE_KILLPRIV_V2), and credfs's backing operations do it as the
+    caller, or as the registrar for passthrough writes."""
+    tree = [Node("prog", "f", 0o755, uid=2001, gid=2001, data=b"program")]
+    both(tree, backing, native)
+    for base in (backing, native):
+        os.setxattr(base / "prog", "security.capability", FILE_CAPS)
+    mount_credfs()
+    a = agents[who]
+    assert a.do(op, os.fspath(mnt / "prog"), *args) == \
+        a.do(op, os.fspath(native / "prog"), *args)
+    assert snapshot(backing) == snapshot(native), diff_snapshots(snapshot(backing),
+                                                                 snapshot(native))
+    assert os.listxattr(backing / "prog") == os.listxattr(native / "prog")
