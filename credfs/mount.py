@@ -23,6 +23,7 @@ from .caller import CallerResolver
 from .creds import Credentials
 from .gate import PolicyGate
 from .identity import CallerIdentity, IdentitySource, MounterIdentity, parse_mounter
+from .inline import InlineRunner
 from .inodes import InodeTable
 from .notify import KernelNotifier
 from .operations import Operations
@@ -124,14 +125,16 @@ def serve(opts: MountOptions, ready: Ready) -> int:
     if isinstance(identity, MounterIdentity):
         opts.default_permissions = True
     notifier = KernelNotifier(None)
+    inline = InlineRunner() if opts.inline == "auto" else None
     ops = Operations(table, pool, identity, cache, kernel_applies_umask=not is_root,
-                     notifier=notifier, gate=gate, idmap=opts.idmap)
+                     notifier=notifier, gate=gate, idmap=opts.idmap, inline=inline)
 
     summary = (f"credfs: serving {os.path.abspath(opts.source)} at "
                f"{os.path.abspath(opts.mountpoint)}; {ops.describe()}; cache "
                f"{cache.mode.value} (timeout {cache.timeout:g}s); {opts.workers} workers; "
                f"up to ~{max(fd_limit - 64, 0)} inodes (RLIMIT_NOFILE {fd_limit}); "
                f"capabilities kept: {', '.join(kept) or 'none'}"
+               + ("; metadata inline" if inline and inline.covers(table.root_dev) else "")
                + (f"; {opts.idmap.describe()}" if opts.idmap else ""))
     if is_root:
         fuse_fd = kernelmount.mount_fuse(opts, allow_other)
