@@ -286,3 +286,87 @@ def test_inline_option_in_help_and_refused_when_unknown(backing: Path, mnt: Path
     r = run_cli("mount", backing, mnt, "--inline", "sometimes")
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "--inline" in r.stderr and "Traceback" not in r.stderr
+
+
+def _in_child(body: Any) -> Any:
+    """body() in a forked child (its credential changes stay there); its
+    JSON-able result, or the text of what it raised."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            try:
+                out: Any = {"ok": body()}
+            except BaseException as exc:  # reported to the parent
+                out = {"raised": f"{type(exc).__name__}: {exc}"}
+            os.write(w, json.dumps(out).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    data = b""
+    deadline = time.monotonic() + CHILD_TIMEOUT
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([r], [], [], max(deadline - time.monotonic(), 0))
+            if not ready or not (chunk := os.read(r, 65536)):
+                break
+            data += chunk
+    finally:
+        os.close(r)
+        if time.monotonic() >= deadline:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    return json.loads(data)
+
+
+def _thread_ids() -> dict[str, str]:
+    with open("/proc/thread-self/status") as f:
+        status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    return {k: status[k] for k in ("Uid", "Gid", "Groups", "CapEff", "Umask")}
+
+
+def test_inline_switch_that_cannot_be_made_fails_closed_and_restores() -> None:
+    """A daemon that may not take on an identity (no CAP_SETUID left) refuses
+    the operation with CredentialError, which the handlers answer EACCES, and
+    never runs it; an operation that raises leaves the thread as it was too."""
+    from credfs.creds import CredentialError, Credentials
+    from credfs.inline import InlineRunner
+
+    def body() -> dict[str, Any]:
+        import prctl  # python-prctl
+        os.umask(0)
+        runner = InlineRunner()
+        before = _thread_ids()
+        ran: list[int] = []
+        alice = Credentials(2001, 2001, (2001, 3001), 0)
+
+        def boom() -> None:
+            ran.append(os.getuid())
+            raise OSError(errno.EROFS, "refused by the backing store")
+        try:
+            runner.run(alice, 0o027, boom)
+        except OSError as exc:
+            raised = exc.errno
+        after_error = _thread_ids()
+        prctl.cap_effective.setuid = False
+        prctl.cap_permitted.setuid = False
+        runner = InlineRunner()  # the daemon's own identity, now without setuid
+        own = _thread_ids()
+        try:
+            runner.run(alice, 0o027, ran.append, 1)
+            refused = False
+        except CredentialError:
+            refused = True
+        return {"before": before, "after_error": after_error, "raised": raised,
+                "own": own, "after_refusal": _thread_ids(), "refused": refused,
+                "ran": ran}
+
+    out = _in_child(body)
+    assert "ok" in out, out
+    res = out["ok"]
+    assert res["raised"] == errno.EROFS and res["after_error"] == res["before"]
+    assert res["refused"] and res["ran"] == [0]  # the refused operation never ran
+    assert res["after_refusal"] == res["own"]
