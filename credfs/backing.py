@@ -16,6 +16,7 @@ import dataclasses
 import errno
 import os
 import stat
+import threading
 from dataclasses import dataclass
 
 from . import syscalls
@@ -41,15 +42,39 @@ def refuse_device(dev: int | None) -> None:
     _own_device = dev
 
 
+# The devices names may resolve onto while this thread runs an operation
+# inline on the event loop (see inline.py); None: anywhere (a worker).
+_confinement = threading.local()
+
+
+class Elsewhere(Exception):
+    """A name resolved onto a device the event loop must not wait on: the
+    operation is to be done by a worker instead. (Not an OSError: nothing
+    here may take it for the caller's error.)"""
+
+
+def confine(devices: frozenset[int] | None) -> frozenset[int] | None:
+    """Confine this thread's name resolution to devices; returns the previous."""
+    previous: frozenset[int] | None = getattr(_confinement, "devices", None)
+    _confinement.devices = devices
+    return previous
+
+
 def open_name(dir_fd: int, name: bytes,
               flags: int = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC) -> int:
     """openat a name in a backing directory (never following a symlink), but
     never onto credfs's own mount."""
     check_name(name)
     fd = os.open(name, flags, dir_fd=dir_fd)
-    if _own_device is not None and syscalls.device_of(fd) == _own_device:
-        os.close(fd)
-        raise OSError(errno.ELOOP, "the credfs mount itself is inside the backing tree")
+    devices = getattr(_confinement, "devices", None)
+    if _own_device is not None or devices is not None:
+        dev = syscalls.device_of(fd)
+        if dev == _own_device:
+            os.close(fd)
+            raise OSError(errno.ELOOP, "the credfs mount itself is inside the backing tree")
+        if devices is not None and dev not in devices:
+            os.close(fd)
+            raise Elsewhere(name)
     return fd
 
 
@@ -347,13 +372,19 @@ def lookup_listed(dir_fh: int, entries: list[DirEntry]) -> list[Found | OSError]
     """Resolve listed names as the caller; the error instead for a name that
     vanished (ENOENT) or that the caller may list but not search (EACCES)."""
     out: list[Found | OSError] = []
-    for entry in entries:
-        try:
-            fd = open_name(dir_fh, entry.name)
-        except OSError as exc:
-            out.append(exc)
-            continue
-        out.append(Found(fd, os.fstat(fd)))
+    try:
+        for entry in entries:
+            try:
+                fd = open_name(dir_fh, entry.name)
+            except OSError as exc:
+                out.append(exc)
+                continue
+            out.append(Found(fd, os.fstat(fd)))
+    except BaseException:
+        for item in out:
+            if isinstance(item, Found):
+                os.close(item.fd)
+        raise
     public = public_dir(dir_fh)  # looked at after the names were resolved
     for item in out:
         if isinstance(item, Found):

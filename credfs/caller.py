@@ -34,14 +34,35 @@ class RequestContext(Protocol):
 _OWN_USERNS = os.stat("/proc/self/ns/user").st_ino
 
 
+_STATUS_CHUNK = 8192  # a status is ~1.5 KiB; a long Groups: line needs more reads
+
+
 def _read_status(tid: int) -> bytes:
+    """All of /proc/<tid>/status. Read to the end: a caller in hundreds of groups
+    has a Groups: line longer than any fixed buffer, and a cut line would give
+    it a wrong last group (a prefix of its digits) and lose the others."""
     try:
-        with open(f"/proc/{tid}/status", "rb", buffering=0) as f:
-            return f.read(4096)
+        fd = os.open(f"/proc/{tid}/status", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
             raise  # our shortage, not the caller's: the caller gets this errno
         raise CredentialError(f"caller tid {tid} is gone ({exc.strerror})") from exc
+    try:
+        data = os.read(fd, _STATUS_CHUNK)
+        if len(data) == _STATUS_CHUNK:
+            # The file is made in one piece: a short read is the whole rest.
+            parts = [data]
+            while len(part := os.read(fd, _STATUS_CHUNK)) == _STATUS_CHUNK:
+                parts.append(part)
+            parts.append(part)
+            data = b"".join(parts)
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+            raise
+        raise CredentialError(f"caller tid {tid} is gone ({exc.strerror})") from exc
+    finally:
+        os.close(fd)
+    return data
 
 
 def _field(status: bytes, key: bytes) -> bytes:
@@ -51,7 +72,9 @@ def _field(status: bytes, key: bytes) -> bytes:
         raise KeyError(key)
     start += len(key) + 2
     end = status.find(b"\n", start)
-    return status[start:end if end >= 0 else None].strip()
+    if end < 0:
+        raise KeyError(key)  # a status always ends with a newline: this one is cut
+    return status[start:end]
 
 
 def _caller_userns(tid: int) -> int | None:
@@ -82,7 +105,7 @@ def from_proc(ctx: RequestContext, permitted_caps: int) -> Credentials:
     # Capabilities count only in the daemon's own user namespace; a container's
     # "root" holds its capabilities over its own namespace, not over our files.
     caps = 0
-    if cap_eff and _caller_userns(tid) == _OWN_USERNS:
+    if cap_eff & permitted_caps and _caller_userns(tid) == _OWN_USERNS:
         caps = cap_eff & permitted_caps
     return Credentials(ctx.uid, ctx.gid, groups, caps)
 

@@ -55,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
                         "unmapped ids show as 65534 and cannot be used")
     m.add_argument("--gid-map", metavar="MOUNT_ID:BACKING_ID:COUNT[,...]",
                    help="the same for gids")
+    m.add_argument("--inline", choices=("auto", "never"), default="auto",
+                   help="metadata operations that cannot wait (lookup, mkdir, unlink, "
+                        "chmod, ...) on the event loop instead of a worker: auto (default: "
+                        "when the backing filesystem is local) or never")
     m.add_argument("--foreground", "-f", action="store_true", help="do not daemonize")
     m.add_argument("--log-level", default="INFO",
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper)
@@ -97,7 +101,8 @@ def _options(args: argparse.Namespace) -> MountOptions:
         passthrough=args.passthrough,
         missing_groups=args.missing_groups, foreground=args.foreground,
         log_level=args.log_level, log_file=args.log_file, policy=args.policy,
-        uid_map=args.uid_map, gid_map=args.gid_map, caller_caps=args.caller_caps)
+        uid_map=args.uid_map, gid_map=args.gid_map, caller_caps=args.caller_caps,
+        inline=args.inline)
     for spec in args.o:
         parse_o(opts, spec)
     recovered = recover_dead_mount(opts.mountpoint)

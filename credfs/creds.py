@@ -62,55 +62,107 @@ class Credentials:
         return f"uid={self.uid} gid={self.gid} groups={groups} caps={caps}"
 
 
+# Held while changing ids: setgroups needs CAP_SETGID, setfsuid CAP_SETUID.
+_SWITCH_CAPS = (1 << CAP_SETUID) | (1 << CAP_SETGID)
+_READ_ID = 0xFFFFFFFF  # setfsuid(-1) is invalid: it only reports the current fsuid
+
+
 class ThreadIdentity:
     """Switches the calling thread's filesystem identity.
 
-    Created once per worker thread: it unshares the thread's fs_struct (so the
-    umask is the thread's own) and remembers the daemon's own capability sets,
-    which bound what any request may be given.
+    Created once per thread that acts for others: a worker unshares its
+    fs_struct (so the umask is the thread's own) and holds no capability while
+    idle; the event-loop thread (see inline.py) keeps its own. The daemon's
+    capability sets, read here, bound what any request may be given.
+
+    What the thread holds is tracked here, because nothing but this object
+    changes it (credentials are per thread; no one in the daemon calls the
+    process-wide setuid family once threads act for callers): a switch to the
+    identity the thread already has costs nothing, and a switch makes only the
+    syscalls whose values differ. setgroups and capset either take effect or
+    fail; setfsuid/setfsgid never report failure, so their result is read
+    back. After any failure the tracked state is dropped and read from the
+    kernel again at the next switch.
     """
 
-    def __init__(self) -> None:
-        syscalls.unshare_fs()
-        os.umask(0)
+    def __init__(self, own_fs: bool = True, idle_caps: bool = False) -> None:
+        if own_fs:
+            syscalls.unshare_fs()
+            os.umask(0)
+        self._umask = os.umask(0)
+        os.umask(self._umask)
         _eff, self.permitted, self.inheritable = syscalls.capget_thread()
-        # Idle, a worker holds no capability: each job raises what it may use.
-        syscalls.capset_thread(0, self.permitted, self.inheritable)
+        self._caps = syscalls.CapSetter(self.permitted, self.inheritable)
+        if not idle_caps:
+            # Idle, a worker holds no capability: each job raises what it may use.
+            self._caps.set(0)
+        self._known = False
+        self._load()
         self.current: Credentials | None = None
+
+    def _load(self) -> None:
+        """What the thread holds, from the kernel."""
+        self._fsuid = syscalls.getfsuid()
+        self._fsgid = syscalls.getfsgid()
+        self._groups = tuple(sorted(set(syscalls.getgroups_thread())))
+        self._eff = syscalls.capget_thread()[0]
+        self._known = True
+
+    def held(self) -> Credentials:
+        """The identity the thread holds now."""
+        return Credentials(self._fsuid, self._fsgid, self._groups, self._eff)
 
     def become(self, creds: Credentials, umask: int = 0) -> None:
         """Take on creds for the next backing operation, verified, or raise."""
+        if creds is not self.current and creds != self.current:
+            self._switch(creds)
+        if umask != self._umask:
+            os.umask(umask)
+            self._umask = umask
+
+    def _switch(self, creds: Credentials) -> None:
+        self.current = None
         try:
-            if self.current != creds:
+            if not self._known:
+                self._load()
+            self._known = False  # until the whole switch is done and checked
+            groups = syscalls.group_list(creds.groups)
+            uid, gid = creds.uid, creds.gid
+            new_ids = groups.groups != self._groups or gid != self._fsgid or uid != self._fsuid
+            eff = creds.caps & self.permitted
+            exact = False  # does the thread hold eff already?
+            if new_ids:
                 # Switching needs setuid/setgid, which the previous identity
                 # may not have held: regain the daemon's set first.
-                syscalls.capset_thread(self.permitted, self.permitted, self.inheritable)
+                if self._eff & _SWITCH_CAPS != self.permitted & _SWITCH_CAPS:
+                    self._caps.set(self.permitted)
+                    # setfsuid then only raises fs caps (from the permitted
+                    # set) unless it leaves fsuid 0: a return to the daemon's
+                    # full set needs no second capset.
+                    exact = eff == self.permitted and not (self._fsuid == 0 and uid != 0)
                 # Only what differs: an unprivileged daemon may keep its own
                 # identity but could not even re-set its own groups.
-                if sorted(syscalls.getgroups_thread()) != sorted(creds.groups):
-                    syscalls.setgroups_thread(creds.groups)
-                syscalls.setfsgid(creds.gid)
-                syscalls.setfsuid(creds.uid)
-                # After setfsuid the kernel has already dropped the fs caps for a
-                # non-zero fsuid; set the whole effective set explicitly anyway,
-                # because CAP_MKNOD, CAP_SYS_ADMIN (trusted.* xattrs) and others are
-                # outside that mask and must not leak to an unprivileged caller.
-                syscalls.capset_thread(creds.caps & self.permitted, self.permitted,
-                                       self.inheritable)
-            self._verify(creds)
+                if groups.groups != self._groups:
+                    groups.apply()
+                    self._groups = groups.groups
+                if gid != self._fsgid:
+                    syscalls.setfsgid_fast(gid)
+                if uid != self._fsuid:
+                    syscalls.setfsuid_fast(uid)
+                self._fsuid = syscalls.setfsuid_fast(_READ_ID)
+                self._fsgid = syscalls.setfsgid_fast(_READ_ID)
+                if (self._fsuid, self._fsgid) != (uid, gid):
+                    raise CredentialError(
+                        f"switch to {creds.describe()} did not take: fsuid={self._fsuid} "
+                        f"fsgid={self._fsgid}")
+            # A change of fsuid makes the kernel drop or raise the fs caps by
+            # itself; set the whole effective set explicitly anyway, because
+            # CAP_MKNOD, CAP_SYS_ADMIN (trusted.* xattrs) and others are outside
+            # that mask and must not leak to an unprivileged caller.
+            if not exact and (new_ids or eff != self._eff):
+                self._caps.set(eff)
+            self._eff = eff
+            self._known = True
         except OSError as exc:
-            self.current = None
             raise CredentialError(f"cannot switch to {creds.describe()}: {exc}") from exc
         self.current = creds
-        os.umask(umask)
-
-    def _verify(self, creds: Credentials) -> None:
-        fsuid, fsgid = syscalls.getfsuid(), syscalls.getfsgid()
-        groups = syscalls.getgroups_thread()
-        eff = syscalls.capget_thread()[0]
-        if (fsuid, fsgid) != (creds.uid, creds.gid) or sorted(groups) != sorted(creds.groups) \
-                or eff != creds.caps & self.permitted:
-            self.current = None
-            raise CredentialError(
-                f"switch to {creds.describe()} did not take: fsuid={fsuid} fsgid={fsgid} "
-                f"groups={groups} caps={eff:#x}")

@@ -88,6 +88,10 @@ class InodeTable:
             raise pyfuse3.FUSEError(errno.EACCES)  # a placeholder: see placeholder()
         return inode
 
+    def known(self, node: int) -> Inode | None:
+        """The node if the kernel still knows it (no errors: for plumbing)."""
+        return self._by_node.get(node)
+
     def placeholder(self, type_bits: int) -> Inode:
         """A node with no backing descriptor, for a name listed in a directory
         the caller may read but not search.

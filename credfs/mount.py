@@ -23,6 +23,7 @@ from .caller import CallerResolver
 from .creds import Credentials
 from .gate import PolicyGate
 from .identity import CallerIdentity, IdentitySource, MounterIdentity, parse_mounter
+from .inline import InlineRunner, local_type
 from .inodes import InodeTable
 from .notify import KernelNotifier
 from .operations import Operations
@@ -100,8 +101,8 @@ def build_identity(opts: MountOptions, mounter: Credentials | None
     return MounterIdentity(mounter, resolver), None
 
 
-def plan_passthrough(opts: MountOptions, is_root: bool, root_fd: int,
-                     identity: IdentitySource, pool: WorkerPool
+def plan_passthrough(opts: MountOptions, is_root: bool, root_dev: int,
+                     identity: IdentitySource, pool: WorkerPool, inline: InlineRunner | None
                      ) -> tuple[Passthrough | None, str]:
     """Whether open files may use kernel FUSE passthrough, and why (for the log)."""
     if opts.passthrough == "never":
@@ -111,22 +112,21 @@ def plan_passthrough(opts: MountOptions, is_root: bool, root_fd: int,
                      "see scripts/build-pyfuse3.sh)"
     if not is_root:
         return None, "passthrough unavailable (needs CAP_SYS_ADMIN)"
-    fs = passthrough.LOCAL_FILESYSTEMS.get(syscalls.fs_type(root_fd))
+    fs = local_type(root_dev)
     if fs is None:
         return None, "passthrough off (backing filesystem not known to be local)"
     mounter = identity.recorded if isinstance(identity, MounterIdentity) else None
     registrar = passthrough.registrar_for(mounter)
-    return passthrough.Passthrough(registrar, pool), \
+    return passthrough.Passthrough(registrar, pool, inline), \
         f"passthrough on ({fs}; reads and writes as {registrar.describe()})"
 
 
-def skip_flush(root_fd: int) -> bool:
+def skip_flush(root_dev: int) -> bool:
     """May the kernel skip FUSE_FLUSH on close (FOPEN_NOFLUSH)? A flush is
     close(dup(fd)) on the backing file: on a local filesystem that reports
     nothing, and credfs keeps no POSIX locks (the kernel keeps them itself).
     Dirty pages of a shared mapping are still written back when it is unmapped."""
-    return passthrough.binding_supports() and \
-        syscalls.fs_type(root_fd) in passthrough.LOCAL_FILESYSTEMS
+    return passthrough.binding_supports() and local_type(root_dev) is not None
 
 
 def serve(opts: MountOptions, ready: Ready) -> int:
@@ -154,16 +154,19 @@ def serve(opts: MountOptions, ready: Ready) -> int:
     if isinstance(identity, MounterIdentity):
         opts.default_permissions = True
     notifier = KernelNotifier(None)
-    io_passthrough, passthrough_note = plan_passthrough(opts, is_root, root_fd, identity, pool)
+    inline = InlineRunner() if opts.inline == "auto" else None
+    io_passthrough, passthrough_note = plan_passthrough(opts, is_root, table.root_dev,
+                                                        identity, pool, inline)
     ops = Operations(table, pool, identity, cache, kernel_applies_umask=not is_root,
-                     notifier=notifier, gate=gate, idmap=opts.idmap,
-                     passthrough=io_passthrough, noflush=skip_flush(root_fd))
+                     notifier=notifier, gate=gate, idmap=opts.idmap, inline=inline,
+                     passthrough=io_passthrough, noflush=skip_flush(table.root_dev))
 
     summary = (f"credfs: serving {os.path.abspath(opts.source)} at "
                f"{os.path.abspath(opts.mountpoint)}; {ops.describe()}; cache "
                f"{cache.mode.value} (timeout {cache.timeout:g}s); {opts.workers} workers; "
                f"up to ~{max(fd_limit - 64, 0)} inodes (RLIMIT_NOFILE {fd_limit}); "
                f"capabilities kept: {', '.join(kept) or 'none'}; {passthrough_note}"
+               + ("; metadata inline" if inline and inline.covers(table.root_dev) else "")
                + ("; close sends no FLUSH (local backing)" if ops.noflush else "")
                + (f"; {opts.idmap.describe()}" if opts.idmap else ""))
     if is_root:

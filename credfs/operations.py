@@ -37,6 +37,7 @@ from .creds import (
 from .gate import Act, NeedsObject, PolicyGate, refuse_unknown_caller
 from .identity import IdentitySource
 from .idmap import IdMapping
+from .inline import InlineRunner
 from .inodes import Inode, InodeTable
 from .notify import KernelNotifier
 from .passthrough import Choice, Io, Passthrough, kills_setid, write_effects_match
@@ -132,9 +133,10 @@ class Operations(pyfuse3.Operations):
     def __init__(self, table: InodeTable, pool: WorkerPool, identity: IdentitySource,
                  cache: CachePolicy, kernel_applies_umask: bool,
                  notifier: KernelNotifier, gate: PolicyGate | None = None,
-                 idmap: IdMapping | None = None,
+                 idmap: IdMapping | None = None, inline: InlineRunner | None = None,
                  passthrough: Passthrough | None = None, noflush: bool = False) -> None:
         super().__init__()
+        self.inline = inline  # None: every backing operation goes to a worker
         self.passthrough = passthrough
         self.noflush = noflush
         self.enable_passthrough = passthrough is not None
@@ -178,7 +180,8 @@ class Operations(pyfuse3.Operations):
         try:
             return self._act(ctx, op, parent, name)
         except NeedsObject as need:
-            (found,) = await self._run(_PROBE, backing.probe, parent.fd, [name])
+            (found,) = await self._run(_PROBE, backing.probe, parent.fd, [name],
+                                       local=parent)
             if found is None:
                 raise FUSEError(errno.ENOENT) from None
             return need.request.act(need.op, need.path, ObjectFacts(*found))
@@ -212,8 +215,17 @@ class Operations(pyfuse3.Operations):
         self.names.drop_everywhere(self.table.directories_with_cached_names())
 
     async def _run(self, creds: Credentials, fn: Callable[..., T], *args: Any,
-                   umask: int = 0) -> T:
+                   umask: int = 0, local: Inode | None = None) -> T:
+        """fn(*args) as creds. local: fn cannot wait on another process (see
+        inline.py) and works on local's device: on the event loop when that is
+        a local filesystem, skipping the hop to a worker."""
         try:
+            if local is not None and self.inline is not None \
+                    and self.inline.covers(local.key[0]):
+                try:
+                    return self.inline.run(creds, umask, fn, *args)
+                except backing.Elsewhere:
+                    pass  # a name led onto another device: a worker does it
             return await self.pool.run(creds, umask, fn, *args)
         except OSError as exc:
             raise FUSEError(exc.errno or errno.EIO) from None
@@ -297,7 +309,8 @@ class Operations(pyfuse3.Operations):
         creds, act = self._creator(ctx, parent, name, is_dir)
         epoch = parent.search_epoch
         try:
-            found = await self._run(creds, make, parent.fd, name, *args, umask=umask)
+            found = await self._run(creds, make, parent.fd, name, *args, umask=umask,
+                                   local=parent)
         except FUSEError as exc:
             raise await self._taken(ctx, parent, name, exc) from None
         return await self._created(act, self._enter(parent, name, found, epoch))
@@ -321,13 +334,14 @@ class Operations(pyfuse3.Operations):
         (the record outlives the daemon: it is on the backing file)."""
         if self._records_owners():
             inode = self.table.get(entry.st_ino)
-            await self._run(_PROBE, backing.record_owner, inode.fd, act.caller_uid)
+            await self._run(_PROBE, backing.record_owner, inode.fd, act.caller_uid,
+                            local=inode)
             inode.owner_uid = act.caller_uid
         return entry
 
     async def _stat_dir_after_change(self, node: Inode, creds: Credentials) -> None:
         """After a change through the mount to a directory's mode, owner or ACL."""
-        _st, public = await self._run(creds, backing.stat_dir, node.fd)
+        _st, public = await self._run(creds, backing.stat_dir, node.fd, local=node)
         self.names.changed(node, public)
 
     # -- names ----------------------------------------------------------------
@@ -337,7 +351,7 @@ class Operations(pyfuse3.Operations):
         parent = self.table.get(parent_inode)
         act = await self._act_named(ctx, "lookup", parent, name)
         epoch = parent.search_epoch
-        found = await self._run(act.creds, backing.open_path, parent.fd, name)
+        found = await self._run(act.creds, backing.open_path, parent.fd, name, local=parent)
         owner = await self._owner_of(found.fd) if self._records_owners() else None
         view = self._read_view(act, parent, name, found.st, owner)
         entry = self._enter(parent, name, found, epoch, view)
@@ -410,7 +424,9 @@ class Operations(pyfuse3.Operations):
         creds = act.creds
         fd = None if fh is None else self._handle(fh).fd
         try:
-            st = await self._run(creds, backing.setattr_, node.fd, fd, change)
+            # A truncate may wait for a lease holder: only that goes to a worker.
+            st = await self._run(creds, backing.setattr_, node.fd, fd, change,
+                                 local=node if change.size is None else None)
         except FUSEError as exc:
             if exc.errno != errno.EPERM or change.mode is None:
                 raise
@@ -434,21 +450,22 @@ class Operations(pyfuse3.Operations):
         owner (no capabilities), and the rest of the request as the caller.
         """
         assert change.mode is not None
-        current = await self._run(creds, backing.getattr_, node.fd)
+        current = await self._run(creds, backing.getattr_, node.fd, local=node)
         if not backing.only_clears_setid(current.st_mode, change.mode):
             raise FUSEError(errno.EPERM)
         syscall = caller.current_syscall(ctx.pid) if ctx.pid > 0 else None
         if syscall not in syscalls.WRITE_FAMILY:
             raise FUSEError(errno.EPERM)  # the caller's own chmod/chown: refused as natively
         try:
-            await self._run(creds, backing.access, node.fd, os.W_OK)
+            await self._run(creds, backing.access, node.fd, os.W_OK, local=node)
         except FUSEError:
             raise FUSEError(errno.EPERM) from None
         owner = Credentials(current.st_uid, current.st_gid, (current.st_gid,), 0)
         await self._run(owner, backing.setattr_, node.fd, None,
-                        backing.AttrChange(mode=change.mode))
+                        backing.AttrChange(mode=change.mode), local=node)
         rest = dataclasses.replace(change, mode=None)
-        return await self._run(creds, backing.setattr_, node.fd, fd, rest)
+        return await self._run(creds, backing.setattr_, node.fd, fd, rest,
+                               local=node if rest.size is None else None)
 
     async def _kill_caps_for_writer(self, node: Inode, creds: Credentials,
                                     ctx: pyfuse3.RequestContext) -> None:
@@ -463,14 +480,15 @@ class Operations(pyfuse3.Operations):
         if syscall not in syscalls.KILL_PRIV_FAMILY:
             raise FUSEError(errno.EPERM)  # the caller's own removexattr: refused as natively
         try:
-            await self._run(creds, backing.access, node.fd, os.W_OK)
+            await self._run(creds, backing.access, node.fd, os.W_OK, local=node)
         except FUSEError:
             raise FUSEError(errno.EPERM) from None
-        await self._run(_CAPS_KILLER, backing.removexattr, node.fd, _CAPS_XATTR)
+        await self._run(_CAPS_KILLER, backing.removexattr, node.fd, _CAPS_XATTR, local=node)
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         node = self.table.get(inode)
-        return await self._run(self._act(ctx, "lookup", node).creds, backing.readlink, node.fd)
+        return await self._run(self._act(ctx, "lookup", node).creds, backing.readlink, node.fd,
+                               local=node)
 
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -501,7 +519,8 @@ class Operations(pyfuse3.Operations):
         creds = self._act(ctx, "create", parent, new_name,
                           ObjectFacts(node.is_dir, node.owner_uid)).creds
         try:
-            found = await self._run(creds, backing.link, node.fd, parent.fd, new_name)
+            found = await self._run(creds, backing.link, node.fd, parent.fd, new_name,
+                                   local=parent)
         except FUSEError as exc:
             raise await self._taken(ctx, parent, new_name, exc) from None
         return self._enter(parent, new_name, found, epoch)
@@ -510,14 +529,14 @@ class Operations(pyfuse3.Operations):
                      ) -> None:
         parent = self.table.get(parent_inode)
         act = await self._act_named(ctx, "delete", parent, name)
-        await self._run(act.creds, backing.unlink, parent.fd, name)
+        await self._run(act.creds, backing.unlink, parent.fd, name, local=parent)
         self.names.removed(parent, name)
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                     ) -> None:
         parent = self.table.get(parent_inode)
         act = await self._act_named(ctx, "delete", parent, name)
-        await self._run(act.creds, backing.rmdir, parent.fd, name)
+        await self._run(act.creds, backing.rmdir, parent.fd, name, local=parent)
         self.names.removed(parent, name)
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
@@ -530,15 +549,17 @@ class Operations(pyfuse3.Operations):
         except NeedsObject as need:
             # The file replaced at the target, or, when the name is new, the
             # file that will be there.
-            (target,) = await self._run(_PROBE, backing.probe, new.fd, [name_new])
+            (target,) = await self._run(_PROBE, backing.probe, new.fd, [name_new], local=new)
             if target is None:
-                (target,) = await self._run(_PROBE, backing.probe, old.fd, [name_old])
+                (target,) = await self._run(_PROBE, backing.probe, old.fd, [name_old],
+                                            local=old)
             need.request.act(need.op, need.path,
                              ObjectFacts(*target) if target else ObjectFacts(False, None, True))
         exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
         if self.gate is not None:
             await self._check_moved_trees(ctx, old, name_old, new, name_new, exchange)
-        await self._run(creds, backing.rename, old.fd, name_old, new.fd, name_new, flags)
+        await self._run(creds, backing.rename, old.fd, name_old, new.fd, name_new, flags,
+                        local=old)
         if self.gate is not None:
             # Policies match paths: what moved is now known by its new name.
             for d, n in ((new, name_new), (old, name_old))[:2 if exchange else 1]:
@@ -551,7 +572,7 @@ class Operations(pyfuse3.Operations):
             # Only a name the kernel holds with a positive timeout needs a look
             # at where it landed.
             for d in (old, new):
-                public[d.node] = (await self._run(creds, backing.stat_dir, d.fd))[1]
+                public[d.node] = (await self._run(creds, backing.stat_dir, d.fd, local=d))[1]
         self.names.renamed(old, name_old, new, name_new, public, exchange)
 
     async def _check_moved_trees(self, ctx: pyfuse3.RequestContext, old: Inode,
@@ -625,7 +646,7 @@ class Operations(pyfuse3.Operations):
         may_share = not writable or write_effects_match(
             handle.creds, kills_setid(handle.creds, handle.kill_privs),
             self.passthrough.registrar, os.fstat(handle.fd).st_mode)
-        choice = await self.passthrough.choose(node.node, node.fd, node.mode,
+        choice = await self.passthrough.choose(node.node, node.fd, node.key[0], node.mode,
                                                bool(node.view), may_share)
         handle.io = choice.io
         return choice
@@ -656,8 +677,11 @@ class Operations(pyfuse3.Operations):
         maker = act.source.creator_creds(ctx, creds, parent)
         epoch = parent.search_epoch
         try:
+            # Only a new name (O_EXCL) runs inline: opening an existing file may
+            # wait for a lease holder.
             fd, found = await self._run(maker, backing.create, parent.fd, name, flags, mode,
-                                        umask=self._umask(ctx))
+                                        umask=self._umask(ctx),
+                                        local=parent if flags & os.O_EXCL else None)
         except FUSEError as exc:
             raise await self._taken(ctx, parent, name, exc) from None
         entry = await self._created(act, self._enter(parent, name, found, epoch))
@@ -714,7 +738,9 @@ class Operations(pyfuse3.Operations):
         if h is not None:
             if self.passthrough is not None:
                 self.passthrough.released(h.node, h.io)
-            await self._run(h.creds, backing.close, h.fd)
+            # Closing never waits on another process on a local filesystem.
+            node = self.table.known(h.node)
+            await self._run(h.creds, backing.close, h.fd, local=node)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self._handle(fh)
@@ -738,7 +764,7 @@ class Operations(pyfuse3.Operations):
             def decide(op: str, name: bytes, obj: ObjectFacts | None) -> Decision:
                 return request.decision(op, prefix + name.decode("utf-8", "surrogateescape"),
                                         obj)
-        fd = await self._run(act.creds, backing.opendir, node.fd)
+        fd = await self._run(act.creds, backing.opendir, node.fd, local=node)
         return self._new_handle(Handle(fd, act.creds, node=inode, decide=decide))
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -746,7 +772,7 @@ class Operations(pyfuse3.Operations):
         parent = self.table.get(h.node)
         if start_id == 0 or h.entries is None:
             # A snapshot per pass: offsets stay stable while the directory changes.
-            h.entries = await self._run(h.creds, backing.list_dir, h.fd)
+            h.entries = await self._run(h.creds, backing.list_dir, h.fd, local=parent)
             if h.decide is not None:
                 h.entries, h.owners = await self._visible(h, h.entries)
         # Offsets 0 and 1 are "." and "..": the kernel takes no reference for
@@ -761,7 +787,7 @@ class Operations(pyfuse3.Operations):
         while pos < len(entries):
             chunk = entries[pos:pos + batch]
             epoch = parent.search_epoch
-            found = await self._run(h.creds, backing.lookup_listed, h.fd, chunk)
+            found = await self._run(h.creds, backing.lookup_listed, h.fd, chunk, local=parent)
             for i, (entry, item) in enumerate(zip(chunk, found, strict=True)):
                 if isinstance(item, OSError):
                     if item.errno == errno.ENOENT or not entry.type_bits:
@@ -797,7 +823,8 @@ class Operations(pyfuse3.Operations):
         names = [e.name for e in entries] if probe_all else undecided
         facts: dict[bytes, tuple[bool, int | None] | None] = {}
         if names:
-            found = await self._run(_PROBE, backing.probe, h.fd, names)
+            found = await self._run(_PROBE, backing.probe, h.fd, names,
+                                    local=self.table.get(h.node))
             facts = dict(zip(names, found, strict=True))
         visible = []
         h.listed_views = {}
@@ -853,7 +880,8 @@ class Operations(pyfuse3.Operations):
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         root = self.table.get(pyfuse3.ROOT_INODE)
-        sv = await self._run(self._act(ctx, "lookup", root).creds, backing.statfs, root.fd)
+        sv = await self._run(self._act(ctx, "lookup", root).creds, backing.statfs, root.fd,
+                             local=root)
         out = pyfuse3.StatvfsData()
         for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
                      "f_ffree", "f_favail", "f_namemax"):
@@ -869,7 +897,8 @@ class Operations(pyfuse3.Operations):
             ops.append("list" if node.is_dir else "read")
         if mode & os.W_OK:
             ops.append("create" if node.is_dir else "write")
-        await self._run(self._act_all(ctx, ops, node).creds, backing.access, node.fd, mode)
+        await self._run(self._act_all(ctx, ops, node).creds, backing.access, node.fd, mode,
+                        local=node)
         return True
 
     # -- extended attributes -------------------------------------------------
@@ -882,7 +911,7 @@ class Operations(pyfuse3.Operations):
         node = self.table.get(inode)
         # Reading extended attributes is seeing the file; "xattr" is changing them.
         return await self._run(self._act(ctx, "lookup", node).creds, acl.getxattr,
-                               node.fd, name, self.idmap)
+                               node.fd, name, self.idmap, local=node)
 
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
@@ -891,14 +920,14 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EPERM)  # read-only: recorded once, at mount / by credfs
         node = self.table.get(inode)
         creds = self._act(ctx, "xattr", node).creds
-        await self._run(creds, acl.setxattr, node.fd, name, value, self.idmap)
+        await self._run(creds, acl.setxattr, node.fd, name, value, self.idmap, local=node)
         if name in _ACL_NAMES and node.is_dir:
             await self._stat_dir_after_change(node, creds)
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         node = self.table.get(inode)
         names = await self._run(self._act(ctx, "lookup", node).creds, backing.listxattr,
-                                node.fd)
+                                node.fd, local=node)
         return [n for n in names if not n.startswith(_RESERVED_XATTR_PREFIX)]
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -908,7 +937,7 @@ class Operations(pyfuse3.Operations):
         node = self.table.get(inode)
         creds = self._act(ctx, "xattr", node).creds
         try:
-            await self._run(creds, backing.removexattr, node.fd, name)
+            await self._run(creds, backing.removexattr, node.fd, name, local=node)
         except FUSEError as exc:
             if exc.errno != errno.EPERM or name != _CAPS_XATTR:
                 raise

@@ -65,6 +65,7 @@ class MountOptions:
     uid_map: str | None = None  # --uid-map / --gid-map as given; parsed into idmap
     gid_map: str | None = None
     idmap: IdMapping | None = None
+    inline: str = "auto"  # metadata on the event loop: auto (local backing) | never
 
     @property
     def read_only(self) -> bool:
@@ -115,6 +116,8 @@ def validate(opts: MountOptions) -> None:
     if opts.policy is not None and opts.default_permissions:
         raise OptionError("-o default_permissions: with --policy the policy and the "
                           "credentials its rules act with decide every permission")
+    if opts.inline not in ("auto", "never"):
+        raise OptionError(f"--inline {opts.inline}: must be auto or never")
     if opts.missing_groups not in ("deny", "nss"):
         raise OptionError(f"--missing-groups {opts.missing_groups}: must be deny or nss")
     try:

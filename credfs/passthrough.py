@@ -51,7 +51,9 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
+from . import backing
 from .creds import CAP_FSETID, CAP_SYS_ADMIN, CredentialError, Credentials, cap_bit
+from .inline import InlineRunner
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -61,14 +63,6 @@ FUSE_DEV_IOC_BACKING_OPEN = 0x4010E501
 FUSE_DEV_IOC_BACKING_CLOSE = 0x4004E502
 CAP_SYS_RESOURCE = 24
 NEUTRAL_ID = 65534
-
-# Backing filesystems whose read and write do not depend on the opener's
-# credentials beyond the side effects above (network filesystems authenticate
-# each request with them; another FUSE filesystem may do anything).
-LOCAL_FILESYSTEMS = {
-    0xEF53: "ext2/3/4", 0x58465342: "xfs", 0x9123683E: "btrfs", 0x01021994: "tmpfs",
-    0xF2F52010: "f2fs",
-}
 
 
 def binding_supports() -> bool:
@@ -151,14 +145,16 @@ _CACHED = Choice(Io.CACHED)
 class Passthrough:
     """Which open files of which nodes use passthrough, and their registrations."""
 
-    def __init__(self, registrar: Credentials, pool: WorkerPool) -> None:
+    def __init__(self, registrar: Credentials, pool: WorkerPool,
+                 inline: InlineRunner | None = None) -> None:
         self.registrar = registrar
         self._pool = pool
+        self._inline = inline
         self.dev_fd: int | None = None
         self.enabled = True
         self._nodes: dict[int, _NodeIo] = {}
 
-    async def choose(self, node: int, node_fd: int, mode: int, filtered: bool,
+    async def choose(self, node: int, node_fd: int, node_dev: int, mode: int, filtered: bool,
                      may_share: bool) -> Choice:
         """How a new open file of node does its I/O (counted until released).
 
@@ -179,7 +175,7 @@ class Passthrough:
         if not st.backing_id:
             st.registering = trio.Event()
             try:
-                st.backing_id = await self._register(node_fd)
+                st.backing_id = await self._register(node_fd, node_dev)
             finally:
                 st.registering.set()
                 st.registering = None
@@ -192,9 +188,16 @@ class Passthrough:
         st.cached += 1
         return _CACHED
 
-    async def _register(self, node_fd: int) -> int:
+    async def _register(self, node_fd: int, node_dev: int) -> int:
         assert self.dev_fd is not None
         try:
+            # The ioctl does not wait: on the event loop when metadata is done
+            # there, switched to the registrar like any inline operation.
+            if self._inline is not None and self._inline.covers(node_dev):
+                try:
+                    return self._inline.run(self.registrar, 0, register, self.dev_fd, node_fd)
+                except backing.Elsewhere:
+                    pass
             return await self._pool.run(self.registrar, 0, register, self.dev_fd, node_fd)
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):

@@ -125,6 +125,87 @@ def setgroups_thread(groups: tuple[int, ...]) -> None:
     _check(_syscall(NR["setgroups"], ctypes.c_size_t(len(groups)), arr))
 
 
+# The credential switch runs per request: its syscalls go through prototypes
+# made once, with buffers made once per distinct value (ctypes conversions
+# cost as much as the syscalls themselves).
+_setfsid_proto = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long, ctypes.c_uint)
+_setgroups_proto = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long, ctypes.c_size_t,
+                                    ctypes.c_void_p, use_errno=True)
+_capset_proto = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
+                                 ctypes.c_void_p, use_errno=True)
+_syscall_setfsid = _setfsid_proto(("syscall", _libc))
+_syscall_setgroups = _setgroups_proto(("syscall", _libc))
+_syscall_capset = _capset_proto(("syscall", _libc))
+_NR_SETFSUID, _NR_SETFSGID = NR["setfsuid"], NR["setfsgid"]
+_NR_SETGROUPS, _NR_CAPSET = NR["setgroups"], NR["capset"]
+_BUFFERS_MAX = 4096  # distinct group lists or capability sets kept; then start afresh
+
+
+def setfsuid_fast(uid: int) -> int:
+    """setfsuid; returns the previous fsuid. setfsuid_fast(0xFFFFFFFF) only reads it."""
+    return _syscall_setfsid(_NR_SETFSUID, uid)  # type: ignore[no-any-return]
+
+
+def setfsgid_fast(gid: int) -> int:
+    return _syscall_setfsid(_NR_SETFSGID, gid)  # type: ignore[no-any-return]
+
+
+class GroupList:
+    """A supplementary group list, sorted as the kernel keeps it, with its
+    setgroups buffer."""
+
+    __slots__ = ("_arr", "_n", "groups")
+
+    def __init__(self, groups: tuple[int, ...]) -> None:
+        self.groups = tuple(sorted(set(groups)))
+        self._n = len(self.groups)
+        self._arr = (ctypes.c_uint * max(self._n, 1))(*self.groups)
+
+    def apply(self) -> None:
+        """Make these the calling thread's groups (the thread only)."""
+        if _syscall_setgroups(_NR_SETGROUPS, self._n, ctypes.addressof(self._arr)) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+
+_group_lists: dict[tuple[int, ...], GroupList] = {}
+
+
+def group_list(groups: tuple[int, ...]) -> GroupList:
+    gl = _group_lists.get(groups)
+    if gl is None:
+        if len(_group_lists) >= _BUFFERS_MAX:
+            _group_lists.clear()
+        gl = _group_lists[groups] = GroupList(groups)
+    return gl
+
+
+class CapSetter:
+    """capset of the calling thread with fixed permitted and inheritable sets,
+    one ready buffer per effective set used."""
+
+    def __init__(self, permitted: int, inheritable: int) -> None:
+        self.permitted, self.inheritable = permitted, inheritable
+        self._bufs: dict[int, tuple[int, int, object]] = {}
+
+    def set(self, effective: int) -> None:
+        buf = self._bufs.get(effective)
+        if buf is None:
+            if len(self._bufs) >= _BUFFERS_MAX:
+                self._bufs.clear()
+            hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+            data = (_CapData * 2)()
+            for i, shift in enumerate((0, 32)):
+                data[i].effective = (effective >> shift) & 0xFFFFFFFF
+                data[i].permitted = (self.permitted >> shift) & 0xFFFFFFFF
+                data[i].inheritable = (self.inheritable >> shift) & 0xFFFFFFFF
+            buf = self._bufs[effective] = (ctypes.addressof(hdr), ctypes.addressof(data),
+                                           (hdr, data))
+        if _syscall_capset(_NR_CAPSET, buf[0], buf[1]) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+
 def getgroups_thread() -> tuple[int, ...]:
     n = _check(_syscall(NR["getgroups"], 0, None))
     arr = (ctypes.c_uint * max(n, 1))()
@@ -149,13 +230,6 @@ def capset_thread(effective: int, permitted: int, inheritable: int) -> None:
         data[i].permitted = (permitted >> shift) & 0xFFFFFFFF
         data[i].inheritable = (inheritable >> shift) & 0xFFFFFFFF
     _check(_syscall(NR["capset"], ctypes.byref(hdr), data))
-
-
-def fs_type(fd: int) -> int:
-    """f_type of the filesystem fd is on (fstatfs; struct statfs starts with it)."""
-    buf = ctypes.create_string_buffer(128)
-    _check(_libc.fstatfs(fd, buf))
-    return int.from_bytes(buf.raw[:8], sys.byteorder)
 
 
 def unshare_fs() -> None:
