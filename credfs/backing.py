@@ -147,6 +147,16 @@ def open_(fd: int, flags: int) -> int:
     return os.open(fd_path(fd), (flags & ~_OPEN_STRIP) | os.O_CLOEXEC)
 
 
+def open_nowait(fd: int, flags: int) -> int:
+    """open_, but EWOULDBLOCK instead of waiting for a lease holder to give up
+    its lease (O_NONBLOCK; it changes nothing else for a regular file, and is
+    taken off again unless the caller asked for it)."""
+    out = open_(fd, flags | os.O_NONBLOCK)
+    if not flags & os.O_NONBLOCK:
+        os.set_blocking(out, True)
+    return out
+
+
 def create(dir_fd: int, name: bytes, flags: int, mode: int) -> tuple[int, Found]:
     """Create (or open, without O_EXCL) in one syscall, as the caller."""
     check_name(name)

@@ -615,9 +615,16 @@ class Operations(pyfuse3.Operations):
             # execve needs x, not r: check x as the caller, then open for the
             # kernel to read the image as the kernel itself would (the file is
             # never handed to the caller's userspace).
-            await self._run(creds, backing.access, node.fd, os.X_OK)
+            await self._run(creds, backing.access, node.fd, os.X_OK, local=node)
             opener = dataclasses.replace(creds, caps=creds.caps | cap_bit(CAP_DAC_READ_SEARCH))
-        fd = await self._run(opener, backing.open_, node.fd, flags)
+        try:
+            # Only a lease holder can make an open of a local file wait: try
+            # without waiting (inline), and let a worker wait if it must.
+            fd = await self._run(opener, backing.open_nowait, node.fd, flags, local=node)
+        except FUSEError as exc:
+            if exc.errno != errno.EWOULDBLOCK or flags & os.O_NONBLOCK:
+                raise
+            fd = await self._run(opener, backing.open_, node.fd, flags)
         if flags & os.O_TRUNC and act.source.kills_privileges(ctx):
             # FUSE's atomic O_TRUNC skips the kernel's own suid/sgid kill, and
             # the mounter truncating for the caller may hold CAP_FSETID.
