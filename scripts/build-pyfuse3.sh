@@ -77,6 +77,10 @@ PKG_CONFIG_PATH=$PREFIX/lib/pkgconfig LDFLAGS="-Wl,-rpath,$PREFIX/lib" \
     "$VENV/bin/python" -m pip install -q --progress-bar off --force-reinstall --no-deps \
     "$src" </dev/null 2> >(grep -v "is ignored: it is neither" >&2) ||
     die "pyfuse3 build failed"
+# pyfuse3 imports trio (its one dependency, left out above so that nothing else
+# is reinstalled): needed to check the result.
+"$VENV/bin/python" -m pip install -q --progress-bar off "trio>=0.22" </dev/null \
+    2> >(grep -v "is ignored: it is neither" >&2)
 has_passthrough || die "the built pyfuse3 has no FileInfo.backing_id"
 printf '%s\n' "$PATCH_SUM" >"$STAMP"
 say "pyfuse3 $PYFUSE3_VERSION on libfuse $FUSE_VERSION installed in $VENV"
