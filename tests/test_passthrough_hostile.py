@@ -22,6 +22,7 @@ from typing import Any
 
 import pyfuse3
 import pytest
+import test_android_media as am
 from helpers.agents import UserAgent
 from helpers.mounts import CredfsMount
 from helpers.trees import Node, build_tree, diff_snapshots, snapshot
@@ -313,3 +314,52 @@ def test_mixed_opens_of_one_file_never_fail(mount_credfs: MountFactory, backing:
         errors = [(roles[i], r) for i, r in enumerate(results)
                   if r[0] != "ok" or any(o[0] == "err" for o in r[1])]
         assert errors == [], (base, errors)
+
+
+# --- the media provider: redacted readers while the owner writes through passthrough --
+
+
+android = am.android  # the same fixtures as test_android_media (media mounter mode)
+samples = am.samples
+media_files = am.media_files
+
+
+@am.needs_media_tools
+def test_redacted_reader_while_owner_writes_in_place(android: am.Android,
+                                                     media_files: dict[str, str],
+                                                     samples: dict[str, bytes]) -> None:
+    """camera (the owner) holds its photo open for a passthrough write and
+    rewrites it in place with another location; viewer (no location
+    permission) holds it open through the redacting view and has read it
+    (so its page cache is filled), and reads again by pread on the held
+    descriptor, by a mapping of it and by fresh opens. viewer only ever gets
+    the redacted bytes, gallery (entitled) the new ones."""
+    assert android.mount is not None
+    passthrough_on(android.mount)
+    p = android.p(media_files["everything.jpg"])
+    a, b = samples["everything.jpg"], samples["moved.jpg"]
+    assert len(a) == len(b) and a != b
+    scratch = android.workdir / "scratch.jpg"
+    scratch.write_bytes(b)
+    red = am.redacted_bytes(scratch)
+    assert red != b
+    size = len(a)
+    held = android.call("viewer", "open_fd", p)
+    writer = android.call("camera", "open_fd", p, os.O_WRONLY)
+    try:
+        assert android.call("viewer", "pread_fd", held, size) == red
+        assert android.call("viewer", "mmap_fd_read", held, size) == red
+        assert android.call("gallery", "read", p) == a
+        for off in range(0, size, 4096):  # piece by piece, as a camera app saves
+            assert android.call("camera", "fd_write", writer, b[off:off + 4096], off) > 0
+        assert android.call("gallery", "read", p) == b
+        seen = {android.call("viewer", "pread_fd", held, size),
+                android.call("viewer", "mmap_fd_read", held, size),
+                android.call("viewer", "read", p),
+                b"|".join(android.call("viewer", "mmap_ranges", p, [(0, size)], True))}
+    finally:
+        android.call("camera", "close_fd", writer)
+        android.call("viewer", "close_fd", held)
+    assert seen == {red}
+    assert android.call("viewer", "read", p) == red
+    assert (android.backing / media_files["everything.jpg"]).read_bytes() == b
