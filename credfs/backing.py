@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
+import mmap
 import os
 import stat
 import threading
@@ -407,7 +409,22 @@ def statfs(fd: int) -> os.statvfs_result:
 
 
 def read(fh: int, off: int, size: int) -> bytes:
-    return os.pread(fh, size, off)
+    try:
+        return os.pread(fh, size, off)
+    except OSError as exc:
+        if not _direct(fh, exc):
+            raise
+        buf = mmap.mmap(-1, max(size, 1))
+        with buf:
+            n = os.preadv(fh, [memoryview(buf)[:size]], off)
+            return buf[:n]
+
+
+def _direct(fh: int, exc: OSError) -> bool:
+    """EINVAL on an O_DIRECT file (the caller opened it so): the backing
+    filesystem wants an aligned buffer, which a Python bytes object is not.
+    The caller's own offset and length were aligned or are refused again."""
+    return exc.errno == errno.EINVAL and bool(fcntl.fcntl(fh, fcntl.F_GETFL) & os.O_DIRECT)
 
 
 def only_clears_setid(current: int, new: int) -> bool:
@@ -429,7 +446,14 @@ def kill_privileges(fd: int) -> None:
 def write(fh: int, off: int, data: bytes, kill_privs: bool = False) -> int:
     if kill_privs:
         kill_privileges(fh)
-    return os.pwrite(fh, data, off)
+    try:
+        return os.pwrite(fh, data, off)
+    except OSError as exc:
+        if not _direct(fh, exc) or not data:
+            raise
+        with mmap.mmap(-1, len(data)) as buf:  # page-aligned: see _direct
+            buf[:] = data
+            return os.pwritev(fh, [buf], off)
 
 
 def flush(fh: int) -> None:

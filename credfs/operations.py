@@ -650,9 +650,12 @@ class Operations(pyfuse3.Operations):
         """Passthrough, page cache or direct I/O for a new open file of node."""
         if self.passthrough is None:
             return _CACHED
-        may_share = not writable or write_effects_match(
-            handle.creds, kills_setid(handle.creds, handle.kill_privs),
-            self.passthrough.registrar, os.fstat(handle.fd).st_mode)
+        may_share = not writable
+        if writable:
+            st = os.fstat(handle.fd)
+            may_share = write_effects_match(
+                handle.creds, kills_setid(handle.creds, handle.kill_privs),
+                self.passthrough.registrar, st.st_mode, st.st_gid)
         choice = await self.passthrough.choose(node.node, node.fd, node.key[0], node.mode,
                                                bool(node.view), may_share)
         handle.io = choice.io

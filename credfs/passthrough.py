@@ -90,20 +90,27 @@ def registrar_for(mounter: Credentials | None) -> Credentials:
 
 
 def write_effects_match(writer: Credentials, kills_setid: bool, registrar: Credentials,
-                        file_mode: int) -> bool:
-    """Would the writer's writes to a file of file_mode have exactly the
-    registrar's side effects?
+                        file_mode: int, file_gid: int) -> bool:
+    """Would the writer's writes to a file of file_mode and group file_gid
+    have exactly the registrar's side effects?
 
     kills_setid: the writer's writes clear setuid/setgid bits (the daemon
     clears them itself or the writer lacks CAP_FSETID). The registrar never
     holds CAP_FSETID or CAP_SYS_RESOURCE, so its writes always clear them and
     use the reserved blocks only by being fsuid 0. Whether a write clears a
     setgid bit without group execute also depends on the writer's groups: a
-    file with setuid or setgid bits is never shared.
+    file with setuid or setgid bits is never shared, nor one in a group of the
+    registrar's that the writer is not in (a setgid bit set while it is open
+    would be kept by the registrar's writes where the writer's clear it).
     """
     return not file_mode & (stat.S_ISUID | stat.S_ISGID) and kills_setid \
         and not writer.caps & cap_bit(CAP_SYS_RESOURCE) \
-        and (writer.uid == 0) == (registrar.uid == 0)
+        and (writer.uid == 0) == (registrar.uid == 0) \
+        and (_in_group(writer, file_gid) or not _in_group(registrar, file_gid))
+
+
+def _in_group(creds: Credentials, gid: int) -> bool:
+    return gid == creds.gid or gid in creds.groups
 
 
 def kills_setid(creds: Credentials, daemon_kills: bool) -> bool:

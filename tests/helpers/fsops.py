@@ -592,3 +592,120 @@ def mmap_write_close(path: str, offset: int, data: bytes) -> None:
         m.close()
     finally:
         os.close(fd)
+
+
+# --- passthrough (test_passthrough_hostile) ---
+
+
+def fd_setfl(fd: int, flags: int) -> None:
+    """fcntl(F_SETFL) on a held fd (O_APPEND, O_NONBLOCK, O_DIRECT, O_NOATIME)."""
+    import fcntl
+
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+
+
+def fd_append(fd: int, data: bytes) -> int:
+    """write() (not pwrite) on a held fd: at its offset, or at EOF with O_APPEND."""
+    return os.write(fd, data)
+
+
+def fallocate(path: str, mode: int, offset: int, length: int) -> dict[str, int]:
+    """fallocate(2) on path opened read-write; size and 512-byte blocks after."""
+    _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if _libc.fallocate(fd, mode, offset, length) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        st = os.fstat(fd)
+        return {"size": st.st_size, "blocks_nonzero": int(st.st_blocks > 0)}
+    finally:
+        os.close(fd)
+
+
+def odirect_write_read(path: str, data: bytes) -> bytes:
+    """open(O_RDWR|O_DIRECT), write data (a multiple of 4096) from a page-aligned
+    buffer at offset 0, read it back the same way; what was read."""
+    import mmap
+
+    fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, len(data))
+        buf[:] = data
+        os.pwritev(fd, [buf], 0)
+        out = mmap.mmap(-1, len(data))
+        n = os.preadv(fd, [out], 0)
+        return bytes(out[:n])
+    finally:
+        os.close(fd)
+
+
+def while_gone(path: str, other: str | None, data: bytes) -> tuple[bytes, int, int]:
+    """Open path read-write, then rename it to other (or unlink it when None),
+    then write data through the fd, mmap-read and read it back: (bytes, nlink,
+    size)."""
+    import mmap
+
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if other is None:
+            os.unlink(path)
+        else:
+            os.rename(path, other)
+        os.pwrite(fd, data, 0)
+        st = os.fstat(fd)
+        with mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+            mapped = m[:]
+        assert mapped == os.pread(fd, st.st_size, 0)
+        return mapped, st.st_nlink, st.st_size
+    finally:
+        os.close(fd)
+
+
+def mmap_fd_read(fd: int, size: int) -> bytes:
+    """MAP_SHARED read-only mapping of a held fd: its first size bytes."""
+    import mmap
+
+    with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+        return m[:size]
+
+
+def open_read_close_each(paths: list[str]) -> int:
+    """Open, read and close each path once; how many were read."""
+    for p in paths:
+        with open(p, "rb") as f:
+            f.read()
+    return len(paths)
+
+
+def churn(path: str, rounds: int, mode: str, size: int) -> list[tuple[str, Any]]:
+    """Race helper: rounds times, open path and read (mode "r"), mmap-read
+    ("m"), or write size bytes of one repeated byte at 0 ("w"); the distinct
+    outcomes: ("ok", None) for a write, ("ok", bytes read) for reads,
+    ("err", errno)."""
+    import mmap
+
+    seen: set[tuple[str, Any]] = set()
+    for i in range(rounds):
+        try:
+            if mode == "w":
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    os.pwrite(fd, bytes((65 + i % 26,)) * size, 0)
+                finally:
+                    os.close(fd)
+                seen.add(("ok", None))
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                if mode == "m":
+                    with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+                        data = m[:size]
+                else:
+                    data = os.pread(fd, size, 0)
+            finally:
+                os.close(fd)
+            seen.add(("ok", len(data)))
+        except OSError as e:
+            seen.add(("err", e.errno or 0))
+    return sorted(seen, key=repr)
