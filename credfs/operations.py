@@ -625,23 +625,28 @@ class Operations(pyfuse3.Operations):
             if exc.errno != errno.EWOULDBLOCK or flags & os.O_NONBLOCK:
                 raise
             fd = await self._run(opener, backing.open_, node.fd, flags)
-        if flags & os.O_TRUNC and act.source.kills_privileges(ctx):
-            # FUSE's atomic O_TRUNC skips the kernel's own suid/sgid kill, and
-            # the mounter truncating for the caller may hold CAP_FSETID.
-            await self._run(creds, backing.kill_privileges, fd)
+        try:
+            if flags & os.O_TRUNC and act.source.kills_privileges(ctx):
+                # FUSE's atomic O_TRUNC skips the kernel's own suid/sgid kill, and
+                # the mounter truncating for the caller may hold CAP_FSETID.
+                await self._run(creds, backing.kill_privileges, fd)
+            # The filters' spans are found now, not on the first read.
+            version = await self._run(creds, filters.prepare, fd, node.view) \
+                if node.view else None
+        except BaseException:
+            os.close(fd)  # no handle yet: the kernel will never release it
+            raise
         handle = Handle(fd, creds, node=inode)
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         if writable:
             handle.kill_privs = act.source.kills_privileges(ctx)
         handle.filters = node.view
-        fi = self._file_info(self._new_handle(handle),
-                             await self._choose_io(node, handle, writable))
+        choice = await self._choose_io(node, handle, writable)
+        fi = self._file_info(self._new_handle(handle), choice)
         if node.view:
-            # The filters' spans are found now, not on the first read. The page
-            # cache of this node holds filtered pages of the version it was
-            # filled from: keep it only if the file has not changed since
+            # The page cache of this node holds filtered pages of the version it
+            # was filled from: keep it only if the file has not changed since
             # (through the unfiltered node, or behind the mount).
-            version = await self._run(creds, filters.prepare, fd, node.view)
             fi.keep_cache = self.cache.keep_page_cache and version == node.cached_version
             node.cached_version = version
         return fi
