@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,12 +102,35 @@ class Env:
         os.chmod(path, mode)
         return path, os.path.join(cand.root, "work", name)
 
-    def remove(self, agent: Agent | None, backing_path: str, cand_path: str) -> None:
+    def remove(self, agent: Agent | None, backing_path: str, cand_path: str,
+               cand: Candidate) -> None:
         """Remove a workload's directory through the candidate (see fileops.remove_tree),
-        then natively whatever that left."""
+        then natively whatever that left, and wait until it is really gone."""
         if agent is not None and os.path.exists(backing_path):
             agent.call("remove_tree", cand_path, timeout=self.timeout)
         shutil.rmtree(backing_path, ignore_errors=True)
+        self.settle(cand, backing_path)
+
+    def settle(self, cand: Candidate, backing_path: str, timeout: float = 30.0) -> None:
+        """A FUSE daemon holds a removed file until the kernel forgets its inode
+        (credfs: the node's O_PATH descriptor and its passthrough registration),
+        a moment after unlink returned. Wait until the daemon holds nothing
+        under backing_path, then write the filesystem back, so that the next
+        candidate's 1 GiB write does not find the disk still full of the last
+        one's."""
+        if cand.proc is not None:
+            fd_dir = f"/proc/{cand.proc.pid}/fd"
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                try:
+                    held = any(os.readlink(f"{fd_dir}/{n}").startswith(backing_path + "/")
+                               for n in os.listdir(fd_dir))
+                except OSError:
+                    held = True  # an fd closed while we looked: look again
+                if not held:
+                    break
+                time.sleep(0.05)
+        sysutil.syncfs(self.fs_root)
 
     def measure(self, cand: Candidate, action: Callable[[], tuple[float, int]]) -> Measured:
         """Time, ops, daemon CPU and device reads of action, on a written-back
@@ -182,7 +206,7 @@ class SeqWrite(Workload):
         if os.stat(f"{bpath}/seq.bin").st_size != s.seq_write:
             raise BenchError(f"{cand.name}: {bpath}/seq.bin has the wrong size after the write")
         check_owners(bpath, {"seq": UID_A}, cand)
-        env.remove(env.agents[UID_A], bpath, cpath)
+        env.remove(env.agents[UID_A], bpath, cpath, cand)
         return [(self.rows[0], got)]
 
 
@@ -274,7 +298,7 @@ class Metadata(Workload):
         if ls.ops != n:
             raise BenchError(f"{cand.name}: listing {cpath} gave {ls.ops} entries, not {n}")
         unlink = env.measure(cand, lambda: env.call(UID_A, "unlink_files", cpath, p, n))
-        env.remove(env.agents[UID_A], bpath, cpath)
+        env.remove(env.agents[UID_A], bpath, cpath, cand)
         return list(zip(self.rows, (create, stat, ls, unlink), strict=True))
 
 
@@ -295,7 +319,7 @@ class SmallFiles(Workload):
         w = env.measure(cand, lambda: env.call(UID_A, "create_files", cpath, "s", n, size))
         check_owners(bpath, {"s": UID_A}, cand)
         r = env.measure(cand, lambda: env.call(UID_A, "read_files", cpath, "s", n, size))
-        env.remove(env.agents[UID_A], bpath, cpath)
+        env.remove(env.agents[UID_A], bpath, cpath, cand)
         return [(self.rows[0], w), (self.rows[1], r)]
 
 
@@ -339,7 +363,7 @@ class TwoUids(Workload):
                              f"natively {_errname(env.sticky_errno)}")
         unlink = env.measure(cand, lambda: env.parallel(
             [(u, "unlink_files", (cpath, p, n)) for u, p in both]))
-        env.remove(None, bpath, cpath)  # root's directory: removed natively
+        env.remove(None, bpath, cpath, cand)  # root's directory: removed natively
         return list(zip(self.rows, (create, stat, ls, unlink), strict=True))
 
 
