@@ -177,54 +177,32 @@ def _run_caller(uid: int, gid: int, steps: list[Any]) -> list[Any]:
     """A forked process as uid/gid that keeps CAP_SETGID only, so that it can
     change its own groups between requests: steps are ["groups", [..]] or
     [fsop name, path, args...]; returns each step's ("ok", value) / ("err", errno)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never returns
-        code = 1
-        try:
-            os.close(r)
-            import prctl  # python-prctl
-            from helpers import fsops
-            os.setgroups(steps[0][1])
-            prctl.set_keepcaps(True)
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
-            prctl.cap_permitted.limit(prctl.CAP_SETGID)
-            prctl.cap_effective.setgid = True
-            results: list[Any] = []
-            for step in steps:
-                if step[0] == "groups":
-                    os.setgroups(step[1])
-                    results.append(("ok", None))
-                    continue
-                try:
-                    value = getattr(fsops, step[0])(*step[1:])
-                    results.append(("ok", value.decode() if isinstance(value, bytes) else value))
-                except OSError as exc:
-                    results.append(("err", exc.errno))
-            os.write(w, json.dumps(results).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    data = b""
-    deadline = time.monotonic() + CHILD_TIMEOUT
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([r], [], [], max(deadline - time.monotonic(), 0))
-            if not ready:
-                break
-            chunk = os.read(r, 65536)
-            if not chunk:
-                break
-            data += chunk
-    finally:
-        os.close(r)
-        if time.monotonic() >= deadline:
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    assert data, "the caller process reported nothing"
-    return [tuple(x) for x in json.loads(data)]
+
+    def body() -> list[Any]:
+        import prctl  # python-prctl
+        from helpers import fsops
+        os.setgroups(steps[0][1])
+        prctl.set_keepcaps(True)
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+        prctl.cap_permitted.limit(prctl.CAP_SETGID)
+        prctl.cap_effective.setgid = True
+        results: list[Any] = []
+        for step in steps:
+            if step[0] == "groups":
+                os.setgroups(step[1])
+                results.append(("ok", None))
+                continue
+            try:
+                value = getattr(fsops, step[0])(*step[1:])
+                results.append(("ok", value.decode() if isinstance(value, bytes) else value))
+            except OSError as exc:
+                results.append(("err", exc.errno))
+        return results
+
+    out = _in_child(body)
+    assert "ok" in out, f"the caller process failed: {out}"
+    return [tuple(x) for x in out["ok"]]
 
 
 def _group_tree(root: Path, gid: int) -> None:
