@@ -456,6 +456,12 @@ def write(fh: int, off: int, data: bytes, kill_privs: bool = False) -> int:
             return os.pwritev(fh, [buf], off)
 
 
+def fallocate(fh: int, mode: int, off: int, length: int, kill_privs: bool = False) -> None:
+    if kill_privs:
+        kill_privileges(fh)
+    syscalls.fallocate(fh, mode, off, length)
+
+
 def flush(fh: int) -> None:
     # Closing a duplicate reports errors a filesystem only gives at close (NFS),
     # without closing the handle the kernel still uses.

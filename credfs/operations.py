@@ -744,6 +744,12 @@ class Operations(pyfuse3.Operations):
         h = self._handle(fh)
         return await self._run(h.creds, backing.write, h.fd, off, buf, h.kill_privs)
 
+    async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
+        # As the opener, like write: the kernel checked the open file is
+        # writable; the backing filesystem decides the rest as natively.
+        h = self._handle(fh)
+        await self._run(h.creds, backing.fallocate, h.fd, mode, off, length, h.kill_privs)
+
     async def flush(self, fh: int) -> None:
         h = self._handle(fh)
         await self._run(h.creds, backing.flush, h.fd)

@@ -232,6 +232,15 @@ def capset_thread(effective: int, permitted: int, inheritable: int) -> None:
     _check(_syscall(NR["capset"], ctypes.byref(hdr), data))
 
 
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with its mode (os.posix_fallocate has none)."""
+    _check(_libc.fallocate(fd, mode, offset, length))
+
+
 def unshare_fs() -> None:
     """Give the calling thread its own fs_struct, so umask() is per thread."""
     _check(_syscall(NR["unshare"], CLONE_FS))
