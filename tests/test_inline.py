@@ -133,7 +133,7 @@ def test_metadata_as_natively_with_setgid_dirs_and_default_acls(
     _build(backing)
     _build(native)
     m = mount_credfs(*mode)
-    assert ("metadata inline" in m.log) == (mode[1] == "auto")
+    assert ("metadata inline" in m.start_line()) == (mode[1] == "auto")
     agents = {"alice": make_agent(users["alice"], umask=0o027),
               "bob": make_agent(users["bob"], umask=0o002),
               "carol": make_agent(users["carol"], umask=0o077),
@@ -156,7 +156,7 @@ def test_loop_thread_is_the_daemon_again_after_inline_operations(
     fsgid, groups, capabilities and umask are exactly what they were before."""
     _build(backing)
     m = mount_credfs(caller_caps=caller_caps)
-    assert "metadata inline" in m.log
+    assert "metadata inline" in m.start_line()
     assert m.pid is not None
     before = _loop_thread(m.pid)
     assert before["CapEff"] == before["CapPrm"]  # the daemon's own: all it kept

@@ -56,7 +56,7 @@ def test_reads_and_writes_bypass_the_daemon(mode: str, mount_credfs: MountFactor
     both_tree = [Node("pub", "d", 0o1777)]
     build_tree(backing, both_tree)
     m = mount_credfs("--passthrough", mode)
-    assert (f"passthrough {'on' if mode == 'auto' else 'off'}") in m.log
+    assert (f"passthrough {'on' if mode == 'auto' else 'off'}") in m.start_line()
     alice = agents["alice"]
     data = os.urandom(1 << 20) * (BIG >> 20)
     before = daemon_io(m)
@@ -164,7 +164,7 @@ def test_mounter_mode_registers_as_the_mounter(mount_credfs: MountFactory, backi
     os.chown(backing, 1023, 1023)
     backing.chmod(0o777)
     m = mount_credfs("--creds", "mounter", "--mounter", "1023:1023", caller_caps=False)
-    assert "reads and writes as uid=1023 gid=1023" in m.log
+    assert "reads and writes as uid=1023 gid=1023" in m.start_line()
     alice = agents["alice"]
     data = os.urandom(BIG)
     f = os.fspath(mnt / "new")
@@ -186,7 +186,7 @@ def test_close_without_flush_keeps_mapped_writes(who: str, mount_credfs: MountFa
     tree = [Node("f", "f", 0o666, uid=2001, gid=2001, data=b"." * 10000)]
     both(tree, backing, native)
     m = mount_credfs()
-    assert "close sends no FLUSH" in m.log
+    assert "close sends no FLUSH" in m.start_line()
     a = agents[who]
     for base in (mnt, native):
         a.call("mmap_write_close", os.fspath(base / "f"), 4096, b"mapped write")

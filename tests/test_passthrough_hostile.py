@@ -51,10 +51,7 @@ def same_trees(backing: Path, native: Path) -> None:
 def passthrough_on(m: CredfsMount) -> None:
     """The start-up line says passthrough is on (it may land just after the
     mount appears: waited for, bounded)."""
-    deadline = time.monotonic() + BOUND
-    while "passthrough on" not in m.log:
-        assert "passthrough off" not in m.log and time.monotonic() < deadline, m.log
-        time.sleep(0.05)
+    assert "passthrough on" in m.start_line(BOUND), m.log
 
 
 # --- append-only, O_DIRECT, rename/unlink while open, fallocate, copy ------------

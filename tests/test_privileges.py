@@ -143,7 +143,7 @@ def test_service_mounter_drops_root(backing: Path, mnt: Path, mount_credfs: Any,
         assert status["Groups"].split() == ["4000"], (tid, status["Groups"])
         assert set(cap_names(int(status["CapPrm"], 16))) == {"sys_admin"}, (tid, status)
         assert set(cap_names(int(status["CapEff"], 16))) <= {"sys_admin"}, (tid, status)
-    assert "dropped root" in m.log
+    assert "dropped root" in m.start_line()
     # No caller, not even the service user it now runs as, reads its environment
     # or memory (both ask for ptrace access to it); and it is not dumpable: the
     # kernel shows a non-dumpable process's /proc files as root's.

@@ -170,6 +170,18 @@ class CredfsMount:
         except FileNotFoundError:
             return ""
 
+    def start_line(self, timeout: float = 15.0) -> str:
+        """The daemon's "credfs: serving ..." line. It can land a moment after
+        the mount appears: waited for, bounded."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.log.splitlines():
+                if "credfs: serving " in line:
+                    return line
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"no start line within {timeout}s; log: {self.log}")
+            time.sleep(0.05)
+
     @property
     def entry(self) -> MountEntry | None:
         """The topmost mount at the mountpoint, if any."""
