@@ -5,7 +5,8 @@
 # (FOPEN_PASSTHROUGH needs libfuse >= 3.16), and pyfuse3 3.5 has no field for
 # a backing file. So: libfuse 3.17.2 from Debian's own source package (trixie;
 # checksum pinned), built as a shared library inside the venv, and pyfuse3
-# 3.5.0 from PyPI with scripts/pyfuse3-passthrough.patch (FileInfo.backing_id,
+# 3.5.0 from PyPI with the scripts/pyfuse3-*.patch files applied in name order
+# (pyfuse3-passthrough.patch: FileInfo.backing_id,
 # FileInfo.noflush, Operations.enable_passthrough and .enable_killpriv_v2),
 # linked to it by rpath.
 # The system's fusermount3 and kernel are used as they are.
@@ -17,7 +18,7 @@
 # a build failure.
 set -euo pipefail
 
-VENV=${1:?usage: build-pyfuse3.sh VENV}
+VENV=$(realpath -m "${1:?usage: build-pyfuse3.sh VENV}")
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 FUSE_VERSION=3.17.2
 FUSE_TARBALL=fuse3_${FUSE_VERSION}.orig.tar.gz
@@ -26,7 +27,8 @@ FUSE_SHA256=3d932431ad94e86179e5265cddde1d67aa3bb2fb09a5bd35c641f86f2b5ed06f
 PYFUSE3_VERSION=3.5.0
 PREFIX=$VENV/libfuse-$FUSE_VERSION
 STAMP=$VENV/.credfs-pyfuse3-patch
-PATCH_SUM=$(sha256sum "$HERE/pyfuse3-passthrough.patch" | cut -d' ' -f1)
+PATCHES=("$HERE"/pyfuse3-*.patch)  # applied in name order
+PATCH_SUM=$(cat "${PATCHES[@]}" | sha256sum | cut -d' ' -f1)
 
 say() { printf 'build-pyfuse3: %s\n' "$*"; }
 die() { printf 'build-pyfuse3: error: %s\n' "$*" >&2; exit 1; }
@@ -65,12 +67,14 @@ if [[ ! -f $PREFIX/lib/libfuse3.so.4 ]]; then
         { tail -30 "$WORK/meson.log" >&2; die "libfuse build failed"; }
 fi
 
-say "pyfuse3 $PYFUSE3_VERSION with scripts/pyfuse3-passthrough.patch"
+say "pyfuse3 $PYFUSE3_VERSION with ${PATCHES[*]##*/}"
 "$VENV/bin/python" -m pip download -q --no-deps --no-binary :all: -d "$WORK" \
     "pyfuse3==$PYFUSE3_VERSION" </dev/null 2> >(grep -v "is ignored: it is neither" >&2)
 tar -xzf "$WORK/pyfuse3-$PYFUSE3_VERSION.tar.gz" -C "$WORK"
 src=$WORK/pyfuse3-$PYFUSE3_VERSION
-patch -s -d "$src" -p1 <"$HERE/pyfuse3-passthrough.patch" || die "patch does not apply"
+for p in "${PATCHES[@]}"; do
+    patch -s -d "$src" -p1 <"$p" || die "${p##*/} does not apply"
+done
 rm -f "$src/src/pyfuse3/__init__.c"  # generated from the unpatched .pyx: regenerate
 PKG_CONFIG_PATH=$PREFIX/lib/pkgconfig LDFLAGS="-Wl,-rpath,$PREFIX/lib" \
     SETUPTOOLS_SCM_PRETEND_VERSION=$PYFUSE3_VERSION \
