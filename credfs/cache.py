@@ -17,6 +17,11 @@ cached name of the mount is made stale before the reply (see notify.py).
 Changes made directly on the backing directory are seen when the timeout
 runs out.
 
+Changes made directly on the backing directory are seen when the timeout
+runs out - or, with `--cache auto` on a local filesystem and a root daemon,
+as soon as watch.py reads them from fanotify; nodes on the watched
+filesystem then get the long `watched_timeout`, a backstop only.
+
 Attributes are never used for permission decisions in caller mode (every
 open, access and name lookup is decided by the backing filesystem as the
 caller), so their timeout only bounds how stale a stat may be.
@@ -44,18 +49,21 @@ class CachePolicy:
     mode: CacheMode
     timeout: float  # seconds an entry or attribute may be served from the kernel cache
     keep_page_cache: bool
+    # The timeout for nodes on a filesystem whose changes are watched (watch.py):
+    # every change the watch can see invalidates at once; this bounds the others.
+    watched_timeout: float
 
     @classmethod
     def for_mode(cls, mode: CacheMode) -> CachePolicy:
         if mode is CacheMode.NONE:
-            return cls(mode, 0.0, False)
+            return cls(mode, 0.0, False, 0.0)
         if mode is CacheMode.AUTO:
-            return cls(mode, 1.0, True)
-        return cls(mode, 3600.0, True)
+            return cls(mode, 1.0, True, 60.0)
+        return cls(mode, 3600.0, True, 3600.0)
 
     @property
-    def attr_timeout(self) -> float:
-        return self.timeout
+    def wants_watch(self) -> bool:
+        return self.watched_timeout > self.timeout
 
 
 class CachedDir(Protocol):
@@ -80,10 +88,10 @@ class NameCache:
         self.notifier = notifier
 
     def entry_timeout(self, parent: CachedDir, name: bytes, parent_public: bool,
-                      epoch_at_start: int) -> float:
+                      epoch_at_start: int, timeout: float) -> float:
+        """timeout: what the parent's filesystem allows (see CachePolicy)."""
         if not (parent_public and parent.search_epoch == epoch_at_start):
             return 0.0
-        timeout = self.policy.timeout
         if timeout:
             parent.cached_names.add(name)
         return timeout

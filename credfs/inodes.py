@@ -92,6 +92,16 @@ class InodeTable:
         """The node if the kernel still knows it (no errors: for plumbing)."""
         return self._by_node.get(node)
 
+    def nodes_of(self, dev: int, ino: int) -> list[int]:
+        """Every node of the backing inode (dev, ino): its plain one and its views."""
+        plain = self._by_key.get((dev, ino, ()))
+        nodes = [plain.node] if plain is not None else []
+        nodes.extend(v.node for v in self._views.get((dev, ino), ()))
+        return nodes
+
+    def all_nodes(self) -> list[int]:
+        return [n for n, i in self._by_node.items() if i.fd >= 0]
+
     def placeholder(self, type_bits: int) -> Inode:
         """A node with no backing descriptor, for a name listed in a directory
         the caller may read but not search.

@@ -30,6 +30,9 @@ from .operations import Operations
 from .options import MountOptions
 from .passthrough import Passthrough
 from .policy import load_policy
+from .watch import BackingWatch
+from .watch import Target as WatchTarget
+from .watch import apply as apply_invalidations
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -121,6 +124,24 @@ def plan_passthrough(opts: MountOptions, is_root: bool, root_dev: int,
         f"passthrough on ({fs}; reads and writes as {registrar.describe()})"
 
 
+def plan_watch(opts: MountOptions, cache: CachePolicy, root_fd: int, root_dev: int,
+               mounter: Credentials | None) -> tuple[BackingWatch | None, str]:
+    """Whether changes made behind the mount's back are watched (watch.py), and
+    the cache's description for the log."""
+    short = f"cache {cache.mode.value} (timeout {cache.timeout:g}s"
+    if not cache.wants_watch:
+        return None, short + ")"
+    if privilege_mode(opts, mounter) == "mounter-unprivileged" and not opts.policy:
+        return None, short + "; backing changes not watched: the daemon drops root)"
+    if local_type(root_dev) is None:
+        return None, short + "; backing changes not watched: not a local filesystem)"
+    watch = BackingWatch.start(root_fd, root_dev)
+    if isinstance(watch, str):
+        return None, f"{short}; {watch})"
+    return watch, (f"cache {cache.mode.value} (backing changes watched with fanotify; "
+                   f"timeout {cache.watched_timeout:g}s)")
+
+
 def skip_flush(root_dev: int) -> bool:
     """May the kernel skip FUSE_FLUSH on close (FOPEN_NOFLUSH)? A flush is
     close(dup(fd)) on the backing file: on a local filesystem that reports
@@ -160,10 +181,13 @@ def serve(opts: MountOptions, ready: Ready) -> int:
     ops = Operations(table, pool, identity, cache, kernel_applies_umask=not is_root,
                      notifier=notifier, gate=gate, idmap=opts.idmap, inline=inline,
                      passthrough=io_passthrough, noflush=skip_flush(table.root_dev))
+    watch, cache_note = plan_watch(opts, cache, root_fd, table.root_dev, mounter)
+    if watch is not None:
+        ops.watched_dev = table.root_dev
 
     summary = (f"credfs: serving {os.path.abspath(opts.source)} at "
-               f"{os.path.abspath(opts.mountpoint)}; {ops.describe()}; cache "
-               f"{cache.mode.value} (timeout {cache.timeout:g}s); {opts.workers} workers; "
+               f"{os.path.abspath(opts.mountpoint)}; {ops.describe()}; {cache_note}; "
+               f"{opts.workers} workers; "
                f"up to ~{max(fd_limit - 64, 0)} inodes (RLIMIT_NOFILE {fd_limit}); "
                f"capabilities kept: {', '.join(kept) or 'none'}; {passthrough_note}"
                + ("; metadata inline" if inline and inline.covers(table.root_dev) else "")
@@ -194,8 +218,10 @@ def serve(opts: MountOptions, ready: Ready) -> int:
             privileges.become(mounter.uid, mounter.gid, mounter.groups)
             summary += f"; dropped root: runs as uid {mounter.uid} with sys_admin only"
         log.info("%s", summary)
-        trio.run(_main, ops, pool, opts, not is_root, ready, summary, early)
+        trio.run(_main, ops, pool, opts, not is_root, ready, summary, early, watch)
     finally:
+        if watch is not None:
+            watch.close()
         pyfuse3.close(unmount=False)
         table.close_all()
         try:
@@ -206,10 +232,13 @@ def serve(opts: MountOptions, ready: Ready) -> int:
 
 
 async def _main(ops: Operations, pool: WorkerPool, opts: MountOptions, via_fusermount: bool,
-                ready: Ready, summary: str, early_signals: list[int]) -> None:
+                ready: Ready, summary: str, early_signals: list[int],
+                watch: BackingWatch | None) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(_stop_on_signal, opts.mountpoint, via_fusermount, early_signals)
         await nursery.start(_reload_on_sighup, ops)
+        if watch is not None:
+            nursery.start_soon(watch.run, WatchTarget(ops), apply_invalidations)
         await _serve(ops, pool, opts, ready, summary)
         nursery.cancel_scope.cancel()
 

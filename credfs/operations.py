@@ -145,6 +145,8 @@ class Operations(pyfuse3.Operations):
         self.pool = pool
         self.identity = identity
         self.cache = cache
+        # The backing device whose changes watch.py reports (long timeouts on it).
+        self.watched_dev: int | None = None
         self.names = NameCache(cache, notifier)
         self.kernel_applies_umask = kernel_applies_umask
         self.enable_acl = identity.kernel_checks_permissions
@@ -263,7 +265,7 @@ class Operations(pyfuse3.Operations):
         a.st_ino = inode.node
         a.generation = 0
         a.entry_timeout = entry_timeout
-        a.attr_timeout = self.cache.attr_timeout
+        a.attr_timeout = self._timeout(inode)
         a.st_mode = st.st_mode
         a.st_nlink = st.st_nlink
         if self.idmap is None:
@@ -294,8 +296,14 @@ class Operations(pyfuse3.Operations):
         # cached names never reach the policy.
         public = (found.parent_public or self.identity.kernel_checks_permissions) \
             and self._shared(parent, name, found.st)
-        timeout = self.names.entry_timeout(parent, name, public, epoch)
+        timeout = self.names.entry_timeout(parent, name, public, epoch, self._timeout(parent))
         return self._attrs(inode, found.st, timeout)
+
+    def _timeout(self, inode: Inode) -> float:
+        """How long the kernel may keep what it caches about inode (see cache.py)."""
+        if inode.key[0] == self.watched_dev:
+            return self.cache.watched_timeout
+        return self.cache.timeout
 
     def _creator(self, ctx: pyfuse3.RequestContext, parent: Inode, name: bytes,
                  is_dir: bool = False) -> tuple[Credentials, Act]:

@@ -1,0 +1,278 @@
+"""Watching the backing filesystem for changes made behind the mount's back.
+
+With `--cache auto`, the kernel may serve names and attributes from its cache
+for a while. Changes made through the mount keep that cache right (the replies
+carry the new attributes; see cache.py for names). Changes made directly on the
+backing store - by another program, another credfs, a backup restore - are
+what the timeout was bounding. This module sees them as they happen instead:
+one fanotify group with a filesystem mark on the backing filesystem, in
+file-handle mode, reports every change to it; for each one that touches a
+node the kernel knows, credfs tells the kernel to forget what it cached -
+the name (deleted, renamed away, replaced), the attributes (chmod, chown,
+ACL, link count, times), the page cache (data written). With the watch
+running, nodes on the watched filesystem get long timeouts, kept only as a
+backstop for the changes fanotify cannot report (writes through a shared
+mapping made directly on the backing file).
+
+Events caused by the daemon itself (every change made through the mount is
+made by one of its threads) are skipped: the kernel already knows. Writes
+through kernel passthrough are made by the writer's own process, so they do
+arrive; the invalidation they cause is harmless.
+
+Events are read in batches, at most every BATCH_DELAY: one wake-up per change
+would cost more than the change. A directory that stops being searchable by
+everyone drops every cached name of the mount (cache.py) as soon as its batch
+is read. When the kernel's event queue overflows, every cached name and
+attribute of the mount is dropped: nothing is ever trusted past a lost event.
+
+Needs CAP_SYS_ADMIN (filesystem marks) and CAP_DAC_READ_SEARCH (turning a
+reported file handle back into an inode), and a backing filesystem that
+supports file handles; without them the short timeout applies as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import struct
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import pyfuse3
+import trio
+
+from . import backing
+from . import fanotify as fa
+
+if TYPE_CHECKING:
+    from .operations import Operations
+
+log = logging.getLogger(__name__)
+
+BATCH_DELAY = 0.005  # seconds between two reads of the event queue
+_HANDLE_CACHE = 4096  # decoded handles remembered (handle -> backing inode)
+_READ_SIZE = 256 * 1024
+
+_GROUP_FLAGS = (fa.FAN_CLASS_NOTIF | fa.FAN_CLOEXEC | fa.FAN_NONBLOCK | fa.FAN_REPORT_FID
+                | fa.FAN_REPORT_DIR_FID | fa.FAN_REPORT_NAME)
+_NAME_GONE = fa.FAN_DELETE | fa.FAN_MOVED_FROM | fa.FAN_MOVED_TO
+_MASK = (fa.FAN_MODIFY | fa.FAN_ATTRIB | fa.FAN_CREATE | _NAME_GONE | fa.FAN_ONDIR)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+_libc.open_by_handle_at.restype = ctypes.c_int
+
+
+def _inode_of(mount_fd: int, handle: bytes) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the inode a reported handle names; None when it no
+    longer exists (a deleted file's handle goes stale)."""
+    kind, = struct.unpack_from("=i", handle)
+    raw = struct.pack("=Ii", len(handle) - 4, kind) + handle[4:]
+    fd = _libc.open_by_handle_at(mount_fd, raw, os.O_PATH | os.O_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        if err in (errno.ESTALE, errno.ENOENT):
+            return None
+        raise OSError(err, f"open_by_handle_at: {os.strerror(err)}")
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return st.st_dev, st.st_ino
+
+
+@dataclass
+class Batch:
+    """What one read of the queue asks the kernel to forget."""
+
+    attrs: set[int] = field(default_factory=set)  # nodes: attributes only
+    data: set[int] = field(default_factory=set)  # nodes: attributes and page cache
+    names: set[tuple[int, bytes]] = field(default_factory=set)  # (directory node, name)
+    dirs_changed: set[int] = field(default_factory=set)  # directories whose mode/ACL changed
+    everything: bool = False  # the queue overflowed
+
+    def __bool__(self) -> bool:
+        return bool(self.attrs or self.data or self.names or self.dirs_changed
+                    or self.everything)
+
+
+class Target:
+    """The daemon's side of the watch: which nodes a backing inode has, and the
+    bookkeeping a change needs on the event loop before the kernel is told."""
+
+    def __init__(self, ops: Operations) -> None:
+        self.ops = ops
+        self.table = ops.table
+
+    def nodes_of(self, dev: int, ino: int) -> list[int]:
+        return self.table.nodes_of(dev, ino)
+
+    def watched_change(self, batch: Batch) -> Batch:
+        names = self.ops.names
+        for parent_node, name in batch.names:
+            parent = self.table.known(parent_node)
+            if parent is not None:
+                names.removed(parent, name)
+        for node in batch.dirs_changed:
+            directory = self.table.known(node)
+            if directory is None or directory.fd < 0:
+                continue
+            try:
+                _st, public = backing.stat_dir(directory.fd)
+            except OSError:
+                public = False  # cannot tell: as if no longer searchable by all
+            # Drops every cached name of the mount if it is no longer
+            # searchable by everyone (cache.py).
+            names.changed(directory, public)
+        if batch.everything:
+            log.warning("backing filesystem changes were lost (fanotify queue "
+                        "overflow): dropping every cached name and attribute")
+            names.drop_everywhere(self.table.directories_with_cached_names())
+            batch.data.update(self.table.all_nodes())
+        return batch
+
+    def watch_lost(self) -> Batch:
+        """Watching stopped working: short timeouts, and forget what was cached
+        on the strength of the watch."""
+        self.ops.watched_dev = None
+        return self.watched_change(Batch(everything=True))
+
+
+class BackingWatch:
+    def __init__(self, group: int, mount_fd: int, dev: int) -> None:
+        self.group = group
+        self.mount_fd = mount_fd
+        self.dev = dev
+        self._own_pid = os.getpid()
+        self._handles: OrderedDict[bytes, tuple[int, int] | None] = OrderedDict()
+        self.events_seen = 0
+
+    @classmethod
+    def start(cls, root_fd: int, dev: int) -> BackingWatch | str:
+        """A watch on the filesystem root_fd is on, or why there cannot be one."""
+        try:
+            group = fa.init(_GROUP_FLAGS)
+        except OSError as exc:
+            return f"backing changes not watched: no fanotify group: {exc.strerror}"
+        mount_fd = -1
+        try:
+            # open_by_handle_at wants a real descriptor on the filesystem.
+            mount_fd = os.open(f"/proc/self/fd/{root_fd}",
+                               os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fa.mark(group, fa.FAN_MARK_ADD | fa.FAN_MARK_FILESYSTEM, _MASK,
+                    f"/proc/self/fd/{root_fd}".encode())
+            # Proves that handles can be turned back into inodes here.
+            if _inode_of(mount_fd, fa.handle_of(root_fd)) != (dev, os.fstat(root_fd).st_ino):
+                raise OSError(errno.EOPNOTSUPP, "file handles do not round-trip")
+        except OSError as exc:
+            os.close(group)
+            if mount_fd >= 0:
+                os.close(mount_fd)
+            no_handles = "the filesystem has no usable file handles"
+            reason = {errno.EPERM: "needs CAP_SYS_ADMIN and CAP_DAC_READ_SEARCH",
+                      errno.EXDEV: no_handles, errno.ENODEV: no_handles,
+                      errno.EOPNOTSUPP: no_handles}
+            return f"backing changes not watched: {reason.get(exc.errno or 0, exc.strerror)}"
+        return cls(group, mount_fd, dev)
+
+    def close(self) -> None:
+        if self.group >= 0:
+            os.close(self.group)
+            os.close(self.mount_fd)
+            self.group = self.mount_fd = -1
+
+    async def run(self, target: Target, apply: Callable[[Batch], None]) -> None:
+        """Read changes and make the kernel forget what they make stale, until
+        cancelled. apply runs in a thread: a notification may wait for a
+        directory lock that a request in flight holds until we reply."""
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(self.group)
+                await trio.sleep(BATCH_DELAY)  # let a burst gather
+                batch = self.read(target)
+                if batch:
+                    batch = target.watched_change(batch)
+                    await trio.to_thread.run_sync(apply, batch)
+        except OSError:
+            log.exception("watching the backing filesystem failed: timeouts are short again")
+            await trio.to_thread.run_sync(apply, target.watch_lost())
+
+    def read(self, target: Target) -> Batch:
+        batch = Batch()
+        while True:
+            try:
+                buf = os.read(self.group, _READ_SIZE)
+            except BlockingIOError:
+                return batch
+            if not buf:
+                return batch
+            self._collect(fa.parse(buf), target, batch)
+
+    def _collect(self, events: Iterable[fa.Event], target: Target, batch: Batch) -> None:
+        for ev in events:
+            self.events_seen += 1
+            if ev.mask & fa.FAN_Q_OVERFLOW:
+                batch.everything = True
+                continue
+            if ev.pid == self._own_pid:
+                continue  # made through the mount: the kernel already knows
+            parents = self._nodes(target, ev.parent)
+            if ev.name == b".":  # an event on the directory itself
+                self._changed(ev.mask, parents, batch, is_dir=True)
+                continue
+            if parents:
+                # Any change in a directory changes its times and maybe its
+                # link count; removed or replaced names must be forgotten.
+                batch.data.update(parents)
+                if ev.mask & _NAME_GONE and ev.name is not None:
+                    batch.names.update((p, ev.name) for p in parents)
+            if ev.obj is not None:
+                self._changed(ev.mask, self._nodes(target, ev.obj), batch,
+                              is_dir=bool(ev.mask & fa.FAN_ONDIR))
+
+    @staticmethod
+    def _changed(mask: int, nodes: list[int], batch: Batch, is_dir: bool) -> None:
+        if not nodes:
+            return
+        if mask & fa.FAN_MODIFY:
+            batch.data.update(nodes)
+        if mask & fa.FAN_ATTRIB:
+            batch.attrs.update(nodes)
+            if is_dir:
+                batch.dirs_changed.update(nodes)
+
+    def _nodes(self, target: Target, handle: bytes | None) -> list[int]:
+        if handle is None:
+            return []
+        try:
+            inode = self._handles[handle]
+            self._handles.move_to_end(handle)
+        except KeyError:
+            inode = _inode_of(self.mount_fd, handle)
+            self._handles[handle] = inode
+            if len(self._handles) > _HANDLE_CACHE:
+                self._handles.popitem(last=False)
+        return target.nodes_of(*inode) if inode is not None else []
+
+
+def apply(batch: Batch) -> None:
+    """Tell the kernel to forget what batch names (in a thread; see run)."""
+    for parent, name in batch.names:
+        _quiet(pyfuse3.invalidate_entry, parent, name)
+    for node in batch.data:
+        _quiet(pyfuse3.invalidate_inode, node, False)
+    for node in batch.attrs - batch.data:
+        _quiet(pyfuse3.invalidate_inode, node, True)
+
+
+def _quiet(fn: Callable[..., None], *args: object) -> None:
+    try:
+        fn(*args)
+    except OSError as exc:
+        # ENOENT: the kernel forgot the node or name meanwhile - nothing to do.
+        if exc.errno != errno.ENOENT:
+            log.warning("cache invalidation %s%r: %s", fn.__name__, args, exc)

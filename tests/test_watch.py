@@ -1,0 +1,222 @@
+"""Changes made behind the mount's back, with `--cache auto` (credfs/watch.py).
+
+With the watch running, names and attributes on the backing filesystem are
+cached for up to a minute, and every change made directly on the backing tree
+must still show through the mount at once - as soon as the daemon has read
+its fanotify event. "At once" is checked with a bounded wait (a few seconds,
+far below the one-minute timeout, so a missing invalidation fails the test);
+the first test shows that the cache really outlives the old one-second
+timeout, so that the others do not pass merely because it ran out.
+
+The oracle is the backing tree itself (or its native twin for permission
+outcomes): what a user sees through the mount after the change must be what
+they see natively.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers.agents import Outcome, UserAgent
+from helpers.mounts import CredfsMount
+
+MountFactory = Callable[..., CredfsMount]
+
+SEEN_WITHIN = 5.0  # seconds: the watch reads its events every few milliseconds
+
+
+def until(probe: Callable[[], Any], want: Any, within: float = SEEN_WITHIN) -> Any:
+    """probe() until it returns want (bounded); the last value either way."""
+    deadline = time.monotonic() + within
+    got = probe()
+    while got != want and time.monotonic() < deadline:
+        time.sleep(0.02)
+        got = probe()
+    return got
+
+
+def short(path: Path) -> tuple[int, int, int, int, int]:
+    st = os.stat(path, follow_symlinks=False)
+    return (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_nlink)
+
+
+def outcome(agent: UserAgent, op: str, path: Path, *args: Any) -> Outcome:
+    return agent.do(op, os.fspath(path), *args)
+
+
+@pytest.fixture
+def tree(backing: Path) -> Path:
+    """pub/ (searchable by all) holding d/ (alice's, public) with a file."""
+    d = backing / "pub" / "d"
+    d.mkdir(parents=True)
+    (backing / "pub").chmod(0o755)
+    d.chmod(0o755)
+    (d / "f").write_bytes(b"first\n")
+    (d / "f").chmod(0o644)
+    for p in (d, d / "f"):
+        os.chown(p, 2001, 2001)
+    return backing
+
+
+def watched(mount: CredfsMount) -> None:
+    line = mount.start_line()
+    assert "backing changes watched with fanotify" in line, line
+
+
+def test_cache_outlives_the_old_timeout(tree: Path, mnt: Path,
+                                        mount_credfs: MountFactory) -> None:
+    """Guard for the tests below: a change fanotify cannot report (a write
+    through a shared mapping, made directly on the backing file) is not seen
+    through the mount 1.5 s later, so the kernel really serves the cached
+    attributes beyond the one second it used to."""
+    watched(mount_credfs())
+    f = tree / "pub/d/f"
+    before = os.stat(mnt / "pub/d/f").st_mtime_ns
+    time.sleep(0.05)  # a later mtime, whatever the clock's granularity
+    fd = os.open(f, os.O_RDWR)
+    try:
+        with mmap.mmap(fd, 0) as m:
+            m[0:1] = b"F"
+    finally:
+        os.close(fd)
+    assert os.stat(f).st_mtime_ns != before, "the mapped write did not touch mtime natively"
+    time.sleep(1.5)
+    assert os.stat(mnt / "pub/d/f").st_mtime_ns == before, \
+        "the mount refetched attributes within 1.5 s: the watch tests would prove nothing"
+
+
+def test_attribute_changes_show_at_once(tree: Path, mnt: Path,
+                                        mount_credfs: MountFactory) -> None:
+    watched(mount_credfs())
+    f, via = tree / "pub/d/f", mnt / "pub/d/f"
+    assert short(via) == short(f)
+    f.chmod(0o600)
+    assert until(lambda: short(via), short(f)) == short(f), "chmod"
+    os.chown(f, 2002, 2002)
+    assert until(lambda: short(via), short(f)) == short(f), "chown"
+    with open(f, "ab") as out:
+        out.write(b"appended behind the back\n")
+    assert until(lambda: short(via), short(f)) == short(f), "append"
+    os.link(f, tree / "pub/hard")
+    assert until(lambda: short(via), short(f)) == short(f), "link count"
+    assert via.read_bytes() == f.read_bytes()
+
+
+def test_names_removed_or_replaced_show_at_once(tree: Path, mnt: Path,
+                                                mount_credfs: MountFactory) -> None:
+    watched(mount_credfs())
+    d, via = tree / "pub/d", mnt / "pub/d"
+    (d / "gone").write_bytes(b"x")
+    (d / "moved").write_bytes(b"y")
+    (d / "replaced").write_bytes(b"old")
+    for name in ("gone", "moved", "replaced"):
+        os.stat(via / name)  # cached now
+    (d / "gone").unlink()
+    assert until(lambda: os.path.lexists(via / "gone"), False) is False, "unlink"
+    (d / "moved").rename(tree / "pub/moved-here")
+    assert until(lambda: os.path.lexists(via / "moved"), False) is False, "rename away"
+    assert (mnt / "pub/moved-here").read_bytes() == b"y"
+    new = d / "new"
+    new.write_bytes(b"new contents")
+    new.rename(d / "replaced")
+    want = os.stat(d / "replaced").st_ino
+    assert until(lambda: os.stat(via / "replaced").st_ino, want) == want, "rename over"
+    assert (via / "replaced").read_bytes() == b"new contents"
+    (d / "late").write_bytes(b"z")
+    want_dir = short(d)
+    assert until(lambda: short(via), want_dir) == want_dir, "directory attributes"
+    assert sorted(os.listdir(via)) == sorted(os.listdir(d))
+
+
+@pytest.mark.parametrize("change", ["chmod", "acl"])
+def test_directory_made_private_refuses_at_once(
+        change: str, tree: Path, native: Path, mnt: Path, mount_credfs: MountFactory,
+        agents: dict[str, UserAgent]) -> None:
+    """bob reached pub/d/f (so its name is cached); alice's directory is then
+    made unsearchable for bob directly on the backing store. bob must be
+    refused through the mount as natively, although the kernel had the name."""
+    watched(mount_credfs())
+    subprocess.run(["cp", "-a", os.fspath(tree / "pub"), os.fspath(native)], check=True,
+                   timeout=30)
+    bob = agents["bob"]
+    for root in (mnt, native):
+        assert outcome(bob, "stat", root / "pub/d/f")[0] == "ok"
+        assert outcome(bob, "read", root / "pub/d/f") == ("ok", b"first\n")
+    for root in (tree, native):
+        if change == "chmod":
+            (root / "pub/d").chmod(0o700)
+        else:
+            subprocess.run(["setfacl", "-m", "u:2002:---", os.fspath(root / "pub/d")],
+                           check=True, timeout=30, capture_output=True)
+    for op in ("stat", "read"):
+        want = outcome(bob, op, native / "pub/d/f")
+        assert want[0] == "err", f"test tree wrong: native {op} gave {want}"
+        got = until(lambda op=op: outcome(bob, op, mnt / "pub/d/f"), want)
+        assert got == want, f"{op} after {change} behind the back: mount {got}, native {want}"
+
+
+def test_mounter_mode_permission_checks_see_backing_chmod(
+        tree: Path, mnt: Path, mount_credfs: MountFactory,
+        agents: dict[str, UserAgent]) -> None:
+    """In mounter mode the kernel checks callers against cached attributes
+    (default_permissions): a chmod behind the back must reach those."""
+    watched(mount_credfs("--creds", "mounter"))
+    bob = agents["bob"]
+    via = mnt / "pub/d/f"
+    assert outcome(bob, "read", via) == ("ok", b"first\n")
+    (tree / "pub/d/f").chmod(0o600)
+    want = outcome(bob, "read", tree / "pub/d/f")
+    assert want[0] == "err"
+    assert until(lambda: outcome(bob, "read", via), want) == want
+
+
+def test_other_modes_do_not_watch(tree: Path, mnt: Path, mount_credfs: MountFactory) -> None:
+    for mode in ("none", "always"):
+        m = mount_credfs("--cache", mode)
+        line = m.start_line()
+        assert f"cache {mode} (timeout" in line and "watched" not in line, line
+        m.stop()
+
+
+@pytest.fixture
+def tiny_event_queue() -> Any:
+    """fanotify groups made while this is in force queue at most 16 events
+    (the daemon's group is made at mount; restored right after)."""
+    knob = Path("/proc/sys/fs/fanotify/max_queued_events")
+    old = knob.read_text()
+    knob.write_text("16")
+    try:
+        yield lambda: knob.write_text(old)
+    finally:
+        knob.write_text(old)
+
+
+def test_lost_events_drop_every_cached_name(
+        tree: Path, native: Path, mnt: Path, mount_credfs: MountFactory,
+        agents: dict[str, UserAgent], tiny_event_queue: Callable[[], None]) -> None:
+    """When the kernel's event queue overflows, credfs cannot know what it
+    missed: a directory made private among a burst of changes must still
+    refuse bob, and the daemon says what happened."""
+    mount = mount_credfs()
+    tiny_event_queue()
+    watched(mount)
+    bob = agents["bob"]
+    assert outcome(bob, "stat", mnt / "pub/d/f")[0] == "ok"
+    burst = tree / "burst"
+    burst.mkdir()
+    for i in range(400):  # far more events than the queue holds, within one batch
+        (burst / str(i)).write_bytes(b"")
+    (tree / "pub/d").chmod(0o700)
+    subprocess.run(["cp", "-a", os.fspath(tree / "pub"), os.fspath(native)], check=True,
+                   timeout=30)
+    want = outcome(bob, "stat", native / "pub/d/f")
+    assert want[0] == "err"
+    assert until(lambda: outcome(bob, "stat", mnt / "pub/d/f"), want) == want
+    assert until(lambda: "fanotify queue overflow" in mount.log, True), mount.log[-2000:]
