@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
                         "subtype=, max_read=")
     m.add_argument("--workers", type=int, default=16, help="worker threads (default 16)")
     m.add_argument("--cache", choices=[c.value for c in CacheMode], default="auto",
-                   help="attribute/entry authority: none, auto (default), always")
+                   help="attribute/entry authority: none, auto (default: changes made behind "
+                        "the mount's back are watched and invalidate at once), always")
     m.add_argument("--passthrough", choices=("auto", "never"), default="auto",
                    help="kernel FUSE passthrough for reads and writes of open files: auto "
                         "(default: when the kernel, pyfuse3 and privileges allow it and the "
