@@ -359,11 +359,39 @@ class Operations(pyfuse3.Operations):
         parent = self.table.get(parent_inode)
         act = await self._act_named(ctx, "lookup", parent, name)
         epoch = parent.search_epoch
-        found = await self._run(act.creds, backing.open_path, parent.fd, name, local=parent)
+        try:
+            found = await self._run(act.creds, backing.open_path, parent.fd, name,
+                                    local=parent)
+        except FUSEError as exc:
+            if exc.errno == errno.ENOENT:
+                return self._absent(parent, name, epoch)
+            raise
         owner = await self._owner_of(found.fd) if self._records_owners() else None
         view = self._read_view(act, parent, name, found.st, owner)
         entry = self._enter(parent, name, found, epoch, view)
         self.table.get(entry.st_ino).owner_uid = owner
+        return entry
+
+    def _absent(self, parent: Inode, name: bytes, epoch: int) -> pyfuse3.EntryAttributes:
+        """A name that is not there: a negative entry the kernel may cache, when
+        every caller would get ENOENT for it and a creation behind the mount's
+        back is reported (watch.py); otherwise ENOENT, asked again next time."""
+        if parent.key[0] != self.watched_dev or \
+                (self.gate is not None and
+                 not self.gate.policy.lookup_uniform(self.table.path(parent, name))):
+            raise FUSEError(errno.ENOENT)
+        public = self.identity.kernel_checks_permissions
+        if not public:
+            try:
+                public = backing.public_dir(parent.fd)  # looked at after the lookup
+            except OSError:
+                public = False
+        timeout = self.names.entry_timeout(parent, name, public, epoch, self._timeout(parent))
+        if not timeout:
+            raise FUSEError(errno.ENOENT)
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = 0  # negative: "no such name", for entry_timeout seconds
+        entry.entry_timeout = timeout
         return entry
 
     def _read_view(self, act: Act, parent: Inode, name: bytes, st: os.stat_result,

@@ -195,6 +195,7 @@ class BackingWatch:
                 await trio.sleep(BATCH_DELAY)  # let a burst gather
                 batch = self.read(target)
                 if batch:
+                    log.debug("backing changed: %s", batch)
                     batch = target.watched_change(batch)
                     await trio.to_thread.run_sync(apply, batch)
         except OSError:
@@ -228,7 +229,8 @@ class BackingWatch:
                 # Any change in a directory changes its times and maybe its
                 # link count; removed or replaced names must be forgotten.
                 batch.data.update(parents)
-                if ev.mask & _NAME_GONE and ev.name is not None:
+                # A new name may replace a cached "no such name" (operations.py).
+                if ev.mask & (_NAME_GONE | fa.FAN_CREATE) and ev.name is not None:
                     batch.names.update((p, ev.name) for p in parents)
             if ev.obj is not None:
                 self._changed(ev.mask, self._nodes(target, ev.obj), batch,

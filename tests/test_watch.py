@@ -78,7 +78,11 @@ def test_cache_outlives_the_old_timeout(tree: Path, mnt: Path,
     attributes beyond the one second it used to."""
     watched(mount_credfs())
     f = tree / "pub/d/f"
-    before = os.stat(mnt / "pub/d/f").st_mtime_ns
+    # Held open through the mount: pins the kernel's dentry and inode, so that
+    # a drop_caches elsewhere on the machine cannot evict them (a fresh lookup
+    # would refetch the attributes and fail this for the wrong reason).
+    pin = os.open(mnt / "pub/d/f", os.O_RDONLY)
+    before = os.fstat(pin).st_mtime_ns
     time.sleep(0.05)  # a later mtime, whatever the clock's granularity
     fd = os.open(f, os.O_RDWR)
     try:
@@ -88,8 +92,11 @@ def test_cache_outlives_the_old_timeout(tree: Path, mnt: Path,
         os.close(fd)
     assert os.stat(f).st_mtime_ns != before, "the mapped write did not touch mtime natively"
     time.sleep(1.5)
-    assert os.stat(mnt / "pub/d/f").st_mtime_ns == before, \
-        "the mount refetched attributes within 1.5 s: the watch tests would prove nothing"
+    try:
+        assert os.stat(mnt / "pub/d/f").st_mtime_ns == before, \
+            "the mount refetched attributes within 1.5 s: the watch tests would prove nothing"
+    finally:
+        os.close(pin)
 
 
 def test_attribute_changes_show_at_once(tree: Path, mnt: Path,
@@ -220,3 +227,54 @@ def test_lost_events_drop_every_cached_name(
     assert want[0] == "err"
     assert until(lambda: outcome(bob, "stat", mnt / "pub/d/f"), want) == want
     assert until(lambda: "fanotify queue overflow" in mount.log, True), mount.log[-2000:]
+
+
+def test_missing_names_appear_when_made_behind_the_back(
+        tree: Path, mnt: Path, mount_credfs: MountFactory,
+        agents: dict[str, UserAgent]) -> None:
+    """A name that is not there may be cached as such (a negative entry) in a
+    directory everyone may search; made directly on the backing store, it
+    must show through the mount at once, for everyone."""
+    watched(mount_credfs())
+    bob = agents["bob"]
+    d = tree / "pub/d"
+    for name in ("file", "dir", "link", "moved-in"):
+        for _ in range(2):
+            assert outcome(bob, "stat", mnt / "pub/d" / name) == \
+                outcome(bob, "stat", d / name)
+            assert outcome(bob, "stat", d / name)[1] == 2  # ENOENT natively
+    (d / "file").write_bytes(b"made behind the back")
+    (d / "dir").mkdir()
+    os.symlink("file", d / "link")
+    (tree / "pub/elsewhere").write_bytes(b"moved")
+    (tree / "pub/elsewhere").rename(d / "moved-in")
+    for name in ("file", "dir", "link", "moved-in"):
+        want = outcome(bob, "stat", d / name)
+        assert want[0] == "ok"
+        assert until(lambda n=name: outcome(bob, "stat", mnt / "pub/d" / n), want) == want, name
+
+
+def test_missing_name_in_private_directory_is_not_shared(
+        tree: Path, native: Path, mnt: Path, mount_credfs: MountFactory,
+        agents: dict[str, UserAgent]) -> None:
+    """alice may search her 0700 directory and learns a name is not there; bob
+    may not search it and must get EACCES, not alice's ENOENT from a cache -
+    also after a public directory holding a cached missing name becomes
+    private behind the back."""
+    watched(mount_credfs())
+    (tree / "pub/priv").mkdir()
+    os.chown(tree / "pub/priv", 2001, 2001)
+    (tree / "pub/priv").chmod(0o700)
+    subprocess.run(["cp", "-a", os.fspath(tree / "pub"), os.fspath(native)], check=True,
+                   timeout=30)
+    alice, bob = agents["alice"], agents["bob"]
+    for rel in ("pub/priv/missing", "pub/d/missing"):
+        for who in (alice, bob, alice, bob):
+            got, want = outcome(who, "stat", mnt / rel), outcome(who, "stat", native / rel)
+            assert got == want, f"{who.name} stat {rel}: mount {got}, native {want}"
+    assert outcome(bob, "stat", native / "pub/priv/missing")[0] == "err"
+    for root in (tree, native):
+        (root / "pub/d").chmod(0o700)
+    want = outcome(bob, "stat", native / "pub/d/missing")
+    assert want != outcome(alice, "stat", native / "pub/d/missing"), "test tree wrong"
+    assert until(lambda: outcome(bob, "stat", mnt / "pub/d/missing"), want) == want
