@@ -353,10 +353,15 @@ def opendir(fd: int) -> int:
     return os.open(fd_path(fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
-@dataclass(slots=True)
-class DirEntry:
-    name: bytes
-    type_bits: int  # S_IFMT bits from d_type (0 when unknown)
+# One listed name: (name, S_IFMT bits from d_type (0 when unknown), d_ino, the
+# backing inode number as the directory lists it). A plain tuple: a list of
+# them is what pyfuse3.readdir_reply_plain takes.
+DirEntry = tuple[bytes, int, int]
+
+try:  # a pyfuse3 built with scripts/pyfuse3-readdir.patch reads directories in C
+    from pyfuse3 import listdir_fd as _listdir_fd
+except ImportError:
+    _listdir_fd = None
 
 
 def _type_bits(entry: os.DirEntry[str]) -> int:
@@ -375,9 +380,22 @@ def _type_bits(entry: os.DirEntry[str]) -> int:
 
 def list_dir(dir_fh: int) -> list[DirEntry]:
     """All names in an open directory (without . and ..), read through its fd."""
+    if _listdir_fd is not None:
+        entries: list[DirEntry] = _listdir_fd(dir_fh)
+        for i, (name, type_bits, ino) in enumerate(entries):
+            if not type_bits:  # d_type unknown: the type as the caller can lstat it
+                entries[i] = (name, _lstat_type(dir_fh, name), ino)
+        return entries
     os.lseek(dir_fh, 0, os.SEEK_SET)
     with os.scandir(dir_fh) as it:
-        return [DirEntry(os.fsencode(e.name), _type_bits(e)) for e in it]
+        return [(os.fsencode(e.name), _type_bits(e), e.inode()) for e in it]
+
+
+def _lstat_type(dir_fh: int, name: bytes) -> int:
+    try:
+        return stat.S_IFMT(os.lstat(name, dir_fd=dir_fh, follow_symlinks=False).st_mode)
+    except OSError:
+        return 0
 
 
 def lookup_listed(dir_fh: int, entries: list[DirEntry]) -> list[Found | OSError]:
@@ -385,9 +403,9 @@ def lookup_listed(dir_fh: int, entries: list[DirEntry]) -> list[Found | OSError]
     vanished (ENOENT) or that the caller may list but not search (EACCES)."""
     out: list[Found | OSError] = []
     try:
-        for entry in entries:
+        for name, _type_bits, _ino in entries:
             try:
-                fd = open_name(dir_fh, entry.name)
+                fd = open_name(dir_fh, name)
             except OSError as exc:
                 out.append(exc)
                 continue

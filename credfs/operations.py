@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import pyfuse3
 from pyfuse3 import FUSEError
 
-from . import acl, backing, caller, filters, syscalls
+from . import acl, backing, caller, filters, listing, syscalls
 from .cache import CachePolicy, NameCache
 from .creds import (
     CAP_DAC_READ_SEARCH,
@@ -129,6 +129,8 @@ class Operations(pyfuse3.Operations):
     # every write (FUSE_HANDLE_KILLPRIV_V2; with a pyfuse3 built by
     # scripts/build-pyfuse3.sh, otherwise see _kill_setid_for_writer).
     enable_killpriv_v2 = True
+    # Plain readdir wherever readdirplus would not pay (see listing.py).
+    enable_readdirplus_auto = listing.SUPPORTED
 
     def __init__(self, table: InodeTable, pool: WorkerPool, identity: IdentitySource,
                  cache: CachePolicy, kernel_applies_umask: bool,
@@ -832,6 +834,9 @@ class Operations(pyfuse3.Operations):
             h.entries = await self._run(h.creds, backing.list_dir, h.fd, local=parent)
             if h.decide is not None:
                 h.entries, h.owners = await self._visible(h, h.entries)
+        if listing.is_plain(token):
+            listing.reply_plain(token, h.entries, start_id, h.node)
+            return
         # Offsets 0 and 1 are "." and "..": the kernel takes no reference for
         # them, so they get no node of their own (d_ino is the directory's).
         for pos in range(start_id, _DOTS):
@@ -845,23 +850,23 @@ class Operations(pyfuse3.Operations):
             chunk = entries[pos:pos + batch]
             epoch = parent.search_epoch
             found = await self._run(h.creds, backing.lookup_listed, h.fd, chunk, local=parent)
-            for i, (entry, item) in enumerate(zip(chunk, found, strict=True)):
+            for i, ((name, type_bits, _ino), item) in enumerate(zip(chunk, found, strict=True)):
                 if isinstance(item, OSError):
-                    if item.errno == errno.ENOENT or not entry.type_bits:
+                    if item.errno == errno.ENOENT or not type_bits:
                         continue  # gone since it was listed
-                    attrs = self._placeholder_attrs(entry.type_bits)
-                elif entry.name in h.listed_refused:
+                    attrs = self._placeholder_attrs(type_bits)
+                elif name in h.listed_refused:
                     # Listed, but the opener may not look it up: no node the
                     # kernel could walk through, as for an unsearchable parent.
                     os.close(item.fd)
                     attrs = self._placeholder_attrs(stat.S_IFMT(item.st.st_mode))
                 else:
-                    view = h.listed_views.get(entry.name, ()) \
+                    view = h.listed_views.get(name, ()) \
                         if stat.S_ISREG(item.st.st_mode) else ()
-                    attrs = self._enter(parent, entry.name, item, epoch, view)
+                    attrs = self._enter(parent, name, item, epoch, view)
                     if h.owners is not None:
-                        self.table.get(attrs.st_ino).owner_uid = h.owners.get(entry.name)
-                if not pyfuse3.readdir_reply(token, entry.name, attrs, _DOTS + pos + i + 1):
+                        self.table.get(attrs.st_ino).owner_uid = h.owners.get(name)
+                if not pyfuse3.readdir_reply(token, name, attrs, _DOTS + pos + i + 1):
                     # The kernel's buffer is full: this entry was not sent.
                     self.table.forget(attrs.st_ino, 1)
                     for rest in found[i + 1:]:
@@ -875,9 +880,9 @@ class Operations(pyfuse3.Operations):
         """The entries the policy does not hide from the opener, and, when the
         policy asks about owners, each one's recorded owner."""
         assert h.decide is not None
-        undecided = [e.name for e in entries if h.decide("lookup", e.name, None).needs_object]
+        undecided = [e[0] for e in entries if h.decide("lookup", e[0], None).needs_object]
         probe_all = self._records_owners()
-        names = [e.name for e in entries] if probe_all else undecided
+        names = [e[0] for e in entries] if probe_all else undecided
         facts: dict[bytes, tuple[bool, int | None] | None] = {}
         if names:
             found = await self._run(_PROBE, backing.probe, h.fd, names,
@@ -887,22 +892,23 @@ class Operations(pyfuse3.Operations):
         h.listed_views = {}
         h.listed_refused = set()
         for e in entries:
-            f = facts.get(e.name)
-            if e.name in facts and f is None:
+            name = e[0]
+            f = facts.get(name)
+            if name in facts and f is None:
                 continue  # gone since it was listed
             # Every undecided name was probed: the decision is final now.
             obj = ObjectFacts(*f) if f else None
-            decision = h.decide("lookup", e.name, obj)
+            decision = h.decide("lookup", name, obj)
             if decision.hides or decision.needs_object:
                 continue
             visible.append(e)
-            read = h.decide("read", e.name, obj)
+            read = h.decide("read", name, obj)
             if not decision.allow or (read.needs_object and not (f and f[0])):
                 # Listed, but no node for it: refused, or its view (data
                 # filters) would need a look at the file first.
-                h.listed_refused.add(e.name)
+                h.listed_refused.add(name)
             elif read.allow and not read.needs_object and read.filters:
-                h.listed_views[e.name] = read.filters
+                h.listed_views[name] = read.filters
         owners = {n: f[1] for n, f in facts.items() if f} if probe_all else None
         return visible, owners
 

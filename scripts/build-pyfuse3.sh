@@ -7,7 +7,8 @@
 # checksum pinned), built as a shared library inside the venv, and pyfuse3
 # 3.5.0 from PyPI with the scripts/pyfuse3-*.patch files applied in name order
 # (pyfuse3-passthrough.patch: FileInfo.backing_id,
-# FileInfo.noflush, Operations.enable_passthrough and .enable_killpriv_v2),
+# FileInfo.noflush, Operations.enable_passthrough and .enable_killpriv_v2;
+# pyfuse3-readdir.patch: plain readdir, Operations.enable_readdirplus_auto),
 # linked to it by rpath.
 # The system's fusermount3 and kernel are used as they are.
 #

@@ -709,3 +709,50 @@ def churn(path: str, rounds: int, mode: str, size: int) -> list[tuple[str, Any]]
         except OSError as e:
             seen.add(("err", e.errno or 0))
     return sorted(seen, key=repr)
+
+
+# --- plain readdir (test_readdir_plain) ---
+
+
+def _getdents_chunk(fd: int, buf: Any) -> list[tuple[str, int, int]]:
+    """One getdents64(2) call: its (name, d_ino, d_type) entries ([] at the end)."""
+    nr_getdents64 = {"x86_64": 217, "aarch64": 61}[os.uname().machine]
+    n = _libc.syscall(nr_getdents64, fd, buf, len(buf))
+    if n < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    raw, out, off = buf.raw[:n], [], 0
+    while off < n:
+        ino = int.from_bytes(raw[off:off + 8], "little")
+        reclen = int.from_bytes(raw[off + 16:off + 18], "little")
+        name = raw[off + 19:off + reclen]
+        out.append((name[:name.index(b"\0")].decode("utf-8", "surrogateescape"), ino,
+                    raw[off + 18]))
+        off += reclen
+    return out
+
+
+def getdents_chunks(path: str, changes: list[tuple[str, str]] | None = None
+                    ) -> list[list[tuple[str, int, int]]]:
+    """Every entry getdents64(2) returns for directory path, "." and ".."
+    included, as (name, d_ino, d_type), one list per call (32 KiB buffer, as
+    glibc's readdir uses). d_ino is only for comparing with a listing of the
+    same directory. changes: ("create" | "unlink", path) done, in order,
+    right after the first call, while the listing is under way."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    chunks: list[list[tuple[str, int, int]]] = []
+    try:
+        buf = ctypes.create_string_buffer(32768)
+        while True:
+            chunk = _getdents_chunk(fd, buf)
+            if not chunk:
+                return chunks
+            chunks.append(chunk)
+            if len(chunks) == 1:
+                for op, p in changes or ():
+                    if op == "create":
+                        os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                    else:
+                        os.unlink(p)
+    finally:
+        os.close(fd)

@@ -1,0 +1,148 @@
+"""Directory listing through a credfs mount against the same listing natively.
+
+As root, from the repository:
+
+    .venv/bin/python benchmarks/readdir_micro.py [--n 10000] [--reps 5] [-- CREDFS ARGS]
+
+Makes a fresh directory of N empty files twice under one temporary directory
+(one the credfs mount's source, one read natively: same filesystem), mounts
+credfs (`python -m credfs mount --foreground`, this checkout) and times, each
+as the median of --reps runs, in this one process (root):
+
+- scandir: `os.scandir(d)` counting entries (names and types, no stat), right
+  after an (untimed) lstat pass over the same names, as the compare
+  benchmark's listing does;
+- scandir+lstat: `ls -l`-like, an lstat of each entry as it is listed.
+
+It prints entries/s natively and through credfs, their ratio, and the
+daemon's CPU time per listed entry (utime+stime from /proc/PID/stat).
+Figures depend on the machine and its load: compare runs made back to back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def make_files(d: str, n: int) -> None:
+    os.mkdir(d, 0o755)
+    for i in range(n):
+        os.close(os.open(os.path.join(d, f"file-{i:06d}"), os.O_CREAT | os.O_WRONLY, 0o644))
+
+
+def mounted(mnt: str) -> bool:
+    with open("/proc/mounts") as f:
+        return any(line.split()[1] == mnt for line in f)
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+
+
+def scandir(d: str) -> int:
+    n = 0
+    with os.scandir(d) as it:
+        for e in it:
+            e.is_dir(follow_symlinks=False)  # the type, from d_type
+            n += 1
+    return n
+
+
+def scandir_lstat(d: str) -> int:
+    n = 0
+    with os.scandir(d) as it:
+        for e in it:
+            e.stat(follow_symlinks=False)
+            n += 1
+    return n
+
+
+def stat_pass(d: str) -> None:
+    for name in os.listdir(d):
+        os.lstat(os.path.join(d, name))
+
+
+def timed(fn: Callable[[str], int], d: str, reps: int, prepare: bool,
+          daemon: int | None) -> tuple[float, float | None, int]:
+    """Median seconds per listing, daemon CPU seconds per listing (the mean:
+    the kernel counts it in clock ticks), entries."""
+    runs, cpu, count = [], [], 0
+    for _ in range(reps):
+        if prepare:
+            stat_pass(d)
+        c0 = cpu_seconds(daemon) if daemon else 0.0
+        t0 = time.perf_counter()
+        count = fn(d)
+        runs.append(time.perf_counter() - t0)
+        if daemon:
+            cpu.append(cpu_seconds(daemon) - c0)
+    return statistics.median(runs), (statistics.mean(cpu) if daemon else None), count
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=10000, help="files in the directory")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("credfs_args", nargs="*", help="extra credfs mount arguments")
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        sys.stderr.write("readdir_micro: run as root\n")
+        return 2
+    tmp = tempfile.mkdtemp(prefix="readdir-micro.", dir="/tmp")
+    os.chmod(tmp, 0o755)
+    src, native, mnt = (os.path.join(tmp, x) for x in ("src", "native", "mnt"))
+    for x in (src, native, mnt):
+        os.mkdir(x, 0o755)
+    make_files(os.path.join(src, "d"), args.n)
+    make_files(os.path.join(native, "d"), args.n)
+    cmd = [sys.executable, "-m", "credfs", "mount", src, mnt, "--foreground",
+           "--log-level", "warning", *args.credfs_args]
+    daemon = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not mounted(mnt):
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                sys.stderr.write("readdir_micro: credfs did not mount\n")
+                return 1
+            time.sleep(0.05)
+        print(f"{args.n} entries, median of {args.reps}; credfs {' '.join(args.credfs_args)}")
+        for label, fn, prepare in (("scandir (after a stat pass)", scandir, True),
+                                   ("scandir+lstat (ls -l)", scandir_lstat, False)):
+            nat, _, n_nat = timed(fn, os.path.join(native, "d"), args.reps, prepare, None)
+            via, cpu, n_via = timed(fn, os.path.join(mnt, "d"), args.reps, prepare, daemon.pid)
+            assert n_nat == n_via == args.n, (n_nat, n_via)
+            assert cpu is not None
+            print(f"{label:<30} native {n_nat / nat:>11,.0f}/s  credfs {n_via / via:>10,.0f}/s"
+                  f"  ratio {nat / via:5.3f}  daemon CPU {cpu / n_via * 1e6:6.2f} µs/entry",
+                  flush=True)
+        return 0
+    finally:
+        if mounted(mnt):
+            subprocess.run(["umount", mnt], check=False, timeout=30)
+        try:
+            daemon.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.kill(daemon.pid, signal.SIGKILL)
+            daemon.wait(timeout=30)
+        if mounted(mnt):
+            subprocess.run(["umount", "-l", mnt], check=False, timeout=30)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
