@@ -11,7 +11,10 @@ owned by --uid. A process running as that uid (groups: its uid) creates
 (O_CREAT|O_EXCL, close), stats and unlinks --files files in the
 subdirectory, natively and through the mount, alternately, --rounds times;
 each operation names a file relative to an open descriptor of the
-subdirectory, so the cost is the file's and not a walk of its path. Per row
+subdirectory, so the cost is the file's and not a walk of its path. Between
+stat and unlink it fstat()s one open file --files times: one GETATTR each
+when attributes are not cached (-- --cache none), the daemon's cost for a
+request that needs no credentials. Per row
 it prints the best round's ops/s natively and through credfs, their ratio,
 and the daemon's CPU per operation (utime+stime of /proc/PID/stat) in that
 round. Figures depend on the machine and its load: compare runs made back
@@ -30,7 +33,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROWS = ("create", "stat", "unlink")
+ROWS = ("create", "stat", "fstat", "unlink")
 
 
 def cpu_ticks(pid: int) -> int:
@@ -67,6 +70,11 @@ def rows_as(uid: int, directory: str, files: int, daemon: int | None) -> dict[st
                 elif row == "stat":
                     for n in names:
                         os.stat(n, dir_fd=dfd)
+                elif row == "fstat":
+                    fd = os.open(names[0], os.O_RDONLY, dir_fd=dfd)
+                    for _ in names:
+                        os.fstat(fd)
+                    os.close(fd)
                 else:
                     for n in names:
                         os.unlink(n, dir_fd=dfd)

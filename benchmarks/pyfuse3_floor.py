@@ -19,7 +19,8 @@ near 0: the session loop must not poll). --hold S keeps the load running S
 seconds more after the measurement with the daemon's pid printed, for a
 profiler (py-spy record --pid PID, perf record -p PID).
 
-Figures depend on the machine and its load: compare runs made back to back.
+Figures depend on the machine and its load: compare runs made back to back;
+`taskset -c 0` (daemon and clients on one CPU) gives the steadiest figures.
 """
 
 from __future__ import annotations
