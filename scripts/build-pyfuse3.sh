@@ -8,12 +8,13 @@
 # 3.5.0 from PyPI with the scripts/pyfuse3-*.patch files applied in name order
 # (pyfuse3-passthrough.patch: FileInfo.backing_id,
 # FileInfo.noflush, Operations.enable_passthrough and .enable_killpriv_v2;
-# pyfuse3-readdir.patch: plain readdir, Operations.enable_readdirplus_auto),
+# pyfuse3-readdir.patch: plain readdir, Operations.enable_readdirplus_auto;
+# pyfuse3-session.patch: a request loop without a task switch per request),
 # linked to it by rpath.
 # The system's fusermount3 and kernel are used as they are.
 #
-# Idempotent: does nothing when the venv's pyfuse3 was built from this patch
-# (a stamp in the venv holds the patch's sha256).
+# Idempotent: does nothing when the venv's pyfuse3 was built from these patches
+# (a stamp in the venv holds their sha256).
 # Exit status 3: the pinned libfuse source could not be fetched (credfs then
 # runs with the stock pyfuse3, without passthrough); anything else non-zero is
 # a build failure.
