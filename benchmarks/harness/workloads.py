@@ -131,6 +131,18 @@ class Env:
                     break
                 time.sleep(0.05)
         sysutil.syncfs(self.fs_root)
+        # The kernel can still hold a removed file after the daemon let go of
+        # it (an asynchronous RELEASE in flight, a backing-file registration
+        # being dropped): wait until the free space stops growing.
+        free = -1
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            now = os.statvfs(self.fs_root).f_bavail
+            if now == free:
+                break
+            free = now
+            time.sleep(0.1)
+            sysutil.syncfs(self.fs_root)
 
     def measure(self, cand: Candidate, action: Callable[[], tuple[float, int]]) -> Measured:
         """Time, ops, daemon CPU and device reads of action, on a written-back
