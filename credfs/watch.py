@@ -198,7 +198,9 @@ class BackingWatch:
                     log.debug("backing changed: %s", batch)
                     batch = target.watched_change(batch)
                     await trio.to_thread.run_sync(apply, batch)
-        except OSError:
+        except Exception:  # not Cancelled: that ends the daemon as it should
+            # Whatever went wrong, long timeouts without a watch would keep
+            # stale names: back to short ones, and forget what was cached.
             log.exception("watching the backing filesystem failed: timeouts are short again")
             await trio.to_thread.run_sync(apply, target.watch_lost())
 
