@@ -102,11 +102,13 @@ def main() -> None:
     p.add_argument("--files", type=int, default=5000)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--uid", type=int, default=2001)
+    p.add_argument("--dir", default="/tmp",
+                   help="where to make the work directory (e.g. a RAM-backed ext4)")
     p.add_argument("extra", nargs="*", help="extra `credfs mount` arguments (after --)")
     args = p.parse_args()
     hz = os.sysconf("SC_CLK_TCK")
 
-    work = tempfile.mkdtemp(prefix="credfs-meta.", dir="/tmp")
+    work = tempfile.mkdtemp(prefix="credfs-meta.", dir=args.dir)
     os.chmod(work, 0o755)
     src, native, mnt = (os.path.join(work, d) for d in ("src", "native", "mnt"))
     for d in (src, native, mnt):

@@ -54,10 +54,31 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
         pass  # not glibc: nothing to tune
 
 
+def _nr_open() -> int:
+    """The kernel's ceiling for RLIMIT_NOFILE (fs.nr_open)."""
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1 << 20  # the kernel's default
+
+
 def raise_fd_limit() -> int:
+    """Every inode the kernel knows costs the daemon one descriptor: take as many
+    as allowed. A daemon with CAP_SYS_RESOURCE raises the hard limit itself, up
+    to fs.nr_open (a login's default hard limit, often a few thousand, would make
+    creating files fail with EMFILE once that many are cached); others raise
+    their soft limit to the hard one."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         hard = 1 << 20
+    ceiling = _nr_open()
+    if hard < ceiling:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, ceiling))
+            return ceiling
+        except (OSError, ValueError):
+            pass  # not privileged: the hard limit is as far as it goes
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
