@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import pwd
+from collections.abc import Callable
 from typing import Protocol
 
 from .creds import CredentialError, Credentials
@@ -84,12 +85,29 @@ def _caller_userns(tid: int) -> int | None:
         return None
 
 
-def from_proc(ctx: RequestContext, permitted_caps: int) -> Credentials:
-    """The calling thread's live credentials, or CredentialError."""
+def _as_is() -> bool:
+    return False
+
+
+def from_proc(ctx: RequestContext, permitted_caps: int,
+              as_daemon: Callable[[], bool] = _as_is) -> Credentials:
+    """The calling thread's live credentials, or CredentialError.
+
+    as_daemon: gives the calling thread the daemon's own identity back, if it
+    was lent to a caller (inline.py); True if it was. A status file is readable
+    by anyone unless /proc hides other users' processes (hidepid): only then
+    does reading it need the daemon's identity, so it is tried as is first.
+    ns/user needs ptrace access to the caller: always the daemon's.
+    """
     tid = ctx.pid
     if tid <= 0:
         raise CredentialError("caller is not visible in the daemon's pid namespace")
-    status = _read_status(tid)
+    try:
+        status = _read_status(tid)
+    except CredentialError:
+        if not as_daemon():
+            raise
+        status = _read_status(tid)
     try:
         fsuid = int(_field(status, b"Uid").split()[3])
         fsgid = int(_field(status, b"Gid").split()[3])
@@ -105,8 +123,10 @@ def from_proc(ctx: RequestContext, permitted_caps: int) -> Credentials:
     # Capabilities count only in the daemon's own user namespace; a container's
     # "root" holds its capabilities over its own namespace, not over our files.
     caps = 0
-    if cap_eff & permitted_caps and _caller_userns(tid) == _OWN_USERNS:
-        caps = cap_eff & permitted_caps
+    if cap_eff & permitted_caps:
+        as_daemon()
+        if _caller_userns(tid) == _OWN_USERNS:
+            caps = cap_eff & permitted_caps
     return Credentials(ctx.uid, ctx.gid, groups, caps)
 
 
@@ -155,10 +175,11 @@ class CallerResolver:
         self.permitted_caps = permitted_caps
         self.missing_groups = missing_groups
         self.idmap = idmap
+        self.as_daemon: Callable[[], bool] = _as_is  # set when the loop lends (inline.py)
 
     def __call__(self, ctx: RequestContext) -> Credentials:
         try:
-            creds = from_proc(ctx, self.permitted_caps)
+            creds = from_proc(ctx, self.permitted_caps, self.as_daemon)
         except CredentialError:
             if self.missing_groups != "nss":
                 raise

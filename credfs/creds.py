@@ -85,12 +85,18 @@ class ThreadIdentity:
     kernel again at the next switch.
     """
 
-    def __init__(self, own_fs: bool = True, idle_caps: bool = False) -> None:
+    def __init__(self, own_fs: bool = True, idle_caps: bool = False,
+                 umask: int | None = None) -> None:
+        """umask: what the thread's umask is known to be, when it shares the
+        process's fs_struct with a thread that may change it meanwhile (it is
+        then never read nor set: become() must be given that same umask)."""
         if own_fs:
             syscalls.unshare_fs()
             os.umask(0)
-        self._umask = os.umask(0)
-        os.umask(self._umask)
+        if umask is None:
+            umask = os.umask(0)
+            os.umask(umask)
+        self._umask = umask
         _eff, self.permitted, self.inheritable = syscalls.capget_thread()
         self._caps = syscalls.CapSetter(self.permitted, self.inheritable)
         if not idle_caps:

@@ -3,14 +3,24 @@
 Handing a request to a worker thread and back costs more than the syscalls
 it makes. An operation that cannot wait on another process - a lookup, a
 mkdir, an unlink, a chmod on a local filesystem - runs instead on the trio
-thread, switched to exactly the credentials a worker would have taken, and
-switched back to the daemon's own identity before anything else runs there:
-the loop thread also reads callers' /proc entries (ns/user needs ptrace
-access), writes notifications and unmounts at exit, and threads it starts
-inherit what it holds. What may wait stays in the workers: opening an
-existing file and truncating (a lease holder can hold those up to
-lease-break-time), reads, writes, fsync, and everything on a filesystem
-that is not local.
+thread, switched to exactly the credentials a worker would have taken. What
+may wait stays in the workers: opening an existing file and truncating (a
+lease holder can hold those up to lease-break-time), reads, writes, fsync,
+and everything on a filesystem that is not local.
+
+The loop thread keeps the last caller's identity after an operation (it is
+"lent"), so that a burst of requests by one caller costs no switch at all;
+every inline operation switches to exactly its own credentials first, so no
+operation ever runs with another's. What else runs on the loop thread and
+needs the daemon's own identity calls `own()` first: reading another user's
+/proc entries beyond status (ns/user, syscall: ptrace access), decoding file
+handles for the watch (CAP_DAC_READ_SEARCH), closing passthrough backing ids
+(CAP_SYS_ADMIN), starting threads (a thread inherits the identity of the
+thread that starts it: trio.to_thread), unmounting at exit. Everything else
+there is the same whoever the thread is (replies and notifications on
+/dev/fuse, fstat and getdents on descriptors it holds, policy decisions).
+After IDLE seconds without an inline operation, `keep_tidy` gives the thread
+its own identity back and runs the deferred work (see passthrough.py).
 
 "Local" is decided per backing device, from the mount table (a statfs
 would itself wait on a network filesystem's server): the filesystem types
@@ -34,6 +44,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import trio
+
 from . import backing
 from .creds import CredentialError, Credentials, ThreadIdentity
 
@@ -47,6 +59,11 @@ LOCAL_TYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "ramfs
                          "bcachefs", "jfs", "reiserfs", "zfs", "nilfs2"})
 
 _EXIT_IDENTITY_LOST = 70  # EX_SOFTWARE
+
+# Seconds without an inline operation after which the loop thread takes its
+# own identity back (and deferred work runs): long enough to span the gaps
+# between one client's requests, short enough that an idle daemon is itself.
+IDLE = 0.05
 
 
 def mount_types(mountinfo: str = "/proc/self/mountinfo") -> dict[int, str]:
@@ -74,9 +91,9 @@ def local_type(dev: int) -> str | None:
 
 
 class LoopIdentity:
-    """The event-loop thread's credentials: a caller's for one operation, the
-    daemon's own the rest of the time. Made on the loop thread, after the
-    daemon has set up its own identity (privileges dropped or kept)."""
+    """The event-loop thread's credentials: a caller's while lent, the
+    daemon's own otherwise. Made on the loop thread, after the daemon has set
+    up its own identity (privileges dropped or kept)."""
 
     def __init__(self) -> None:
         self.thread = threading.get_ident()
@@ -86,11 +103,19 @@ class LoopIdentity:
         self.own = self._ident.held()
         self._ident.current = self.own
 
+    @property
+    def lent(self) -> bool:
+        return self._ident.current is not self.own
+
     def become(self, creds: Credentials, umask: int) -> None:
         self._ident.become(creds, umask)
 
+    def restore_umask(self) -> None:
+        self._ident.become(self._ident.current or self.own, self._umask)
+
     def restore(self) -> None:
         self._ident.become(self.own, self._umask)
+        self._ident.current = self.own  # identity, not just equality: see lent
 
 
 class InlineRunner:
@@ -101,6 +126,8 @@ class InlineRunner:
         self._local: dict[int, bool] = {}
         self._local_set: frozenset[int] = frozenset()
         self._identity: LoopIdentity | None = None
+        self._uses = 0  # inline operations so far (keep_tidy tells idleness by it)
+        self._lent: trio.Event | None = None  # set when the identity is lent out
 
     def covers(self, dev: int) -> bool:
         """May operations on this backing device run inline?"""
@@ -117,30 +144,89 @@ class InlineRunner:
         return local
 
     def run(self, creds: Credentials, umask: int, fn: Callable[..., T], *args: Any) -> T:
-        """fn(*args) on this thread as creds (umask applied); the thread is the
-        daemon's own again when this returns or raises. CredentialError when
-        creds cannot be taken on; backing.Elsewhere when fn met another device."""
+        """fn(*args) on this thread as creds (umask applied), which the thread
+        keeps afterwards (see the module). CredentialError when creds cannot be
+        taken on (the thread is the daemon's own again then);
+        backing.Elsewhere when fn met another device."""
         ident = self._identity
         if ident is None:
             ident = self._identity = LoopIdentity()
         elif ident.thread != threading.get_ident():
             raise RuntimeError("inline backing operation off the event-loop thread")
+        self._uses += 1
         confined = backing.confine(self._local_set)
         try:
             try:
                 ident.become(creds, umask)
             except CredentialError as exc:
                 log.warning("refusing request: %s", exc)
+                self._restore(ident)
                 raise
+            if self._lent is not None and ident.lent:
+                self._lent.set()
             return fn(*args)
         finally:
             backing.confine(confined)
-            try:
-                ident.restore()
-            except BaseException:
-                # The loop thread would go on as someone else: nothing it does
-                # from here could be trusted. End the daemon (the mount fails
-                # with ENOTCONN, closed) rather than serve on.
-                log.critical("event-loop thread cannot return to the daemon's own "
-                             "credentials: exiting", exc_info=True)
-                os._exit(_EXIT_IDENTITY_LOST)
+            if umask:
+                self._guard(ident.restore_umask)
+
+    async def to_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """trio.to_thread.run_sync(fn, *args), fn running as the daemon's own
+        identity: a thread trio starts inherits the loop thread's, which may be
+        lent by the time it starts (trio checkpoints before starting it), and
+        trio reuses its threads."""
+        own = self._identity.own if self._identity is not None else None
+        return await trio.to_thread.run_sync(_as_daemon, own, fn, *args)
+
+    def own(self) -> bool:
+        """Give the loop thread the daemon's own identity back, if it is lent
+        (True then)."""
+        ident = self._identity
+        if ident is None or not ident.lent:
+            return False
+        if ident.thread != threading.get_ident():
+            raise RuntimeError("loop identity restored off the event-loop thread")
+        self._restore(ident)
+        return True
+
+    def _restore(self, ident: LoopIdentity) -> None:
+        self._guard(ident.restore)
+
+    @staticmethod
+    def _guard(step: Callable[[], None]) -> None:
+        try:
+            step()
+        except BaseException:
+            # The loop thread would go on as someone else, or with a caller's
+            # umask: nothing it does from here could be trusted. End the
+            # daemon (the mount fails with ENOTCONN, closed) rather than serve on.
+            log.critical("event-loop thread cannot return to the daemon's own "
+                         "credentials: exiting", exc_info=True)
+            os._exit(_EXIT_IDENTITY_LOST)
+
+    async def keep_tidy(self, deferred: Callable[[], None] = lambda: None,
+                        idle: float = IDLE) -> None:
+        """Until cancelled: once the identity has been lent and no inline
+        operation ran for `idle` seconds, run deferred() and take the own
+        identity back. Sleeps without a timer while nothing is lent."""
+        while True:
+            self._lent = trio.Event()
+            ident = self._identity
+            if ident is None or not ident.lent:
+                await self._lent.wait()
+            while True:
+                uses = self._uses
+                await trio.sleep(idle)
+                if self._uses == uses:
+                    break
+            self.own()
+            deferred()
+
+
+def _as_daemon(own: Credentials | None, fn: Callable[..., T], *args: Any) -> T:
+    """In a helper thread: take on the daemon's own identity, then fn(*args).
+    The umask is the daemon's (0) and is left alone: the thread shares it with
+    the loop thread, which sets a caller's around inline syscalls."""
+    if own is not None:
+        ThreadIdentity(own_fs=False, idle_caps=True, umask=0).become(own, 0)
+    return fn(*args)

@@ -197,6 +197,9 @@ def serve(opts: MountOptions, ready: Ready) -> int:
         opts.default_permissions = True
     notifier = KernelNotifier(None)
     inline = InlineRunner() if opts.inline == "auto" else None
+    if inline is not None:
+        # Reading a caller's /proc entries may need the loop thread's own identity.
+        identity.resolver.as_daemon = inline.own  # type: ignore[attr-defined]
     io_passthrough, passthrough_note = plan_passthrough(opts, is_root, table.root_dev,
                                                         identity, pool, inline)
     ops = Operations(table, pool, identity, cache, kernel_applies_umask=not is_root,
@@ -241,6 +244,7 @@ def serve(opts: MountOptions, ready: Ready) -> int:
         log.info("%s", summary)
         trio.run(_main, ops, pool, opts, not is_root, ready, summary, early, watch)
     finally:
+        ops.as_daemon()  # unmounting needs the daemon's own capabilities
         if watch is not None:
             watch.close()
         pyfuse3.close(unmount=False)
@@ -256,8 +260,11 @@ async def _main(ops: Operations, pool: WorkerPool, opts: MountOptions, via_fuser
                 ready: Ready, summary: str, early_signals: list[int],
                 watch: BackingWatch | None) -> None:
     async with trio.open_nursery() as nursery:
-        await nursery.start(_stop_on_signal, opts.mountpoint, via_fusermount, early_signals)
+        await nursery.start(_stop_on_signal, ops, opts.mountpoint, via_fusermount,
+                            early_signals)
         await nursery.start(_reload_on_sighup, ops)
+        if ops.inline is not None:
+            nursery.start_soon(ops.inline.keep_tidy, ops.when_idle)
         if watch is not None:
             nursery.start_soon(watch.run, WatchTarget(ops), apply_invalidations)
         await _serve(ops, pool, opts, ready, summary)
@@ -287,13 +294,14 @@ async def _reload_on_sighup(ops: Operations,
                 continue
             # Read and validated off the event loop; swapped in on it, so each
             # request sees one policy, old or new, never a mix.
-            new = await trio.to_thread.run_sync(gate.load_new)
+            new = await ops.to_thread(gate.load_new)
             if new is not None:
                 gate.install(new)
                 ops.policy_changed()
 
 
-async def _stop_on_signal(mountpoint: str, via_fusermount: bool, early_signals: list[int],
+async def _stop_on_signal(ops: Operations, mountpoint: str, via_fusermount: bool,
+                          early_signals: list[int],
                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
         task_status.started()
@@ -301,5 +309,5 @@ async def _stop_on_signal(mountpoint: str, via_fusermount: bool, early_signals: 
     log.info("%s: unmounting", signal.Signals(signum).name)
     # Unmounting ends the request loop (the kernel closes the channel); lazily
     # if busy, so that a signal always ends the daemon.
-    await trio.to_thread.run_sync(kernelmount.unmount, mountpoint, via_fusermount)
+    await ops.to_thread(kernelmount.unmount, mountpoint, via_fusermount)
     pyfuse3.terminate()

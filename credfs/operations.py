@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyfuse3
+import trio
 from pyfuse3 import FUSEError
 
 from . import acl, backing, caller, filters, listing, syscalls
@@ -235,6 +236,23 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(exc.errno or errno.EIO) from None
         except CredentialError:
             raise FUSEError(errno.EACCES) from None
+
+    def as_daemon(self) -> None:
+        """The loop thread's own identity back now (see inline.py), for what
+        must run on it as the daemon."""
+        if self.inline is not None:
+            self.inline.own()
+
+    async def to_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) in a trio helper thread, as the daemon (see inline.py)."""
+        if self.inline is not None:
+            return await self.inline.to_thread(fn, *args)
+        return await trio.to_thread.run_sync(fn, *args)
+
+    def when_idle(self) -> None:
+        """The loop went idle (InlineRunner.keep_tidy): work put off till then."""
+        if self.passthrough is not None:
+            self.passthrough.close_unregistered()
 
     def describe(self) -> str:
         if self.gate is None:
@@ -491,6 +509,7 @@ class Operations(pyfuse3.Operations):
         current = await self._run(creds, backing.getattr_, node.fd, local=node)
         if not backing.only_clears_setid(current.st_mode, change.mode):
             raise FUSEError(errno.EPERM)
+        self.as_daemon()  # /proc/<tid>/syscall needs ptrace access: the daemon's
         syscall = caller.current_syscall(ctx.pid) if ctx.pid > 0 else None
         if syscall not in syscalls.WRITE_FAMILY:
             raise FUSEError(errno.EPERM)  # the caller's own chmod/chown: refused as natively
@@ -514,6 +533,7 @@ class Operations(pyfuse3.Operations):
         who may write the file and whose thread is in a write, truncate or
         O_TRUNC open (the kernel acting for it, not a removexattr it asked for)
         has it removed with CAP_SETFCAP alone, and nothing else."""
+        self.as_daemon()  # /proc/<tid>/syscall needs ptrace access: the daemon's
         syscall = caller.current_syscall(ctx.pid) if ctx.pid > 0 else None
         if syscall not in syscalls.KILL_PRIV_FAMILY:
             raise FUSEError(errno.EPERM)  # the caller's own removexattr: refused as natively

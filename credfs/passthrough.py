@@ -63,6 +63,7 @@ FUSE_DEV_IOC_BACKING_OPEN = 0x4010E501
 FUSE_DEV_IOC_BACKING_CLOSE = 0x4004E502
 CAP_SYS_RESOURCE = 24
 NEUTRAL_ID = 65534
+UNREGISTER_BATCH = 64  # forgotten backing ids closed at once (see Passthrough.forgotten)
 
 
 def binding_supports() -> bool:
@@ -160,6 +161,7 @@ class Passthrough:
         self.dev_fd: int | None = None
         self.enabled = True
         self._nodes: dict[int, _NodeIo] = {}
+        self._unregistered: list[int] = []  # backing ids of forgotten nodes, to close
 
     async def choose(self, node: int, node_fd: int, node_dev: int, mode: int, filtered: bool,
                      may_share: bool) -> Choice:
@@ -228,10 +230,28 @@ class Passthrough:
             st.cached -= 1
 
     def forgotten(self, node: int) -> None:
-        """The kernel forgot the node: no open file of it remains."""
+        """The kernel forgot the node: no open file of it remains. Its backing
+        id is closed now when the loop thread is the daemon's own; when the
+        thread is lent to a caller (inline.py), closing (CAP_SYS_ADMIN) waits
+        for the next of: UNREGISTER_BATCH ids pending, or the loop going idle
+        (close_unregistered, from InlineRunner.keep_tidy). Until then the
+        backing file of a deleted name keeps its blocks."""
         st = self._nodes.pop(node, None)
-        if st is not None and st.backing_id and self.dev_fd is not None:
+        if st is None or not st.backing_id or self.dev_fd is None:
+            return
+        self._unregistered.append(st.backing_id)
+        if self._inline is None or len(self._unregistered) >= UNREGISTER_BATCH:
+            self.close_unregistered()
+
+    def close_unregistered(self) -> None:
+        """Close the backing ids of forgotten nodes (on the loop thread)."""
+        if not self._unregistered or self.dev_fd is None:
+            return
+        if self._inline is not None:
+            self._inline.own()
+        ids, self._unregistered = self._unregistered, []
+        for backing_id in ids:
             try:
-                unregister(self.dev_fd, st.backing_id)
+                unregister(self.dev_fd, backing_id)
             except OSError as exc:
-                log.warning("closing backing id %d: %s", st.backing_id, exc)
+                log.warning("closing backing id %d: %s", backing_id, exc)

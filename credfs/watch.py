@@ -40,7 +40,7 @@ import struct
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyfuse3
 import trio
@@ -51,6 +51,7 @@ from . import fanotify as fa
 if TYPE_CHECKING:
     from .operations import Operations
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 BATCH_DELAY = 0.005  # seconds between two reads of the event queue
@@ -110,6 +111,12 @@ class Target:
 
     def nodes_of(self, dev: int, ino: int) -> list[int]:
         return self.table.nodes_of(dev, ino)
+
+    def as_daemon(self) -> None:
+        self.ops.as_daemon()
+
+    async def to_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self.ops.to_thread(fn, *args)
 
     def watched_change(self, batch: Batch) -> Batch:
         names = self.ops.names
@@ -197,12 +204,12 @@ class BackingWatch:
                 if batch:
                     log.debug("backing changed: %s", batch)
                     batch = target.watched_change(batch)
-                    await trio.to_thread.run_sync(apply, batch)
+                    await target.to_thread(apply, batch)
         except Exception:  # not Cancelled: that ends the daemon as it should
             # Whatever went wrong, long timeouts without a watch would keep
             # stale names: back to short ones, and forget what was cached.
             log.exception("watching the backing filesystem failed: timeouts are short again")
-            await trio.to_thread.run_sync(apply, target.watch_lost())
+            await target.to_thread(apply, target.watch_lost())
 
     def read(self, target: Target) -> Batch:
         batch = Batch()
@@ -256,6 +263,9 @@ class BackingWatch:
             inode = self._handles[handle]
             self._handles.move_to_end(handle)
         except KeyError:
+            # Decoding a handle needs CAP_DAC_READ_SEARCH: the daemon's own
+            # identity, which the loop thread may have lent (inline.py).
+            target.as_daemon()
             inode = _inode_of(self.mount_fd, handle)
             self._handles[handle] = inode
             if len(self._handles) > _HANDLE_CACHE:

@@ -153,7 +153,9 @@ def test_loop_thread_is_the_daemon_again_after_inline_operations(
         make_agent: Any) -> None:
     """After many inline operations by different users, refused ones and
     ones by root with its capabilities among them, the loop thread's fsuid,
-    fsgid, groups, capabilities and umask are exactly what they were before."""
+    fsgid, groups, capabilities and umask are exactly what they were before,
+    once the daemon is idle (the thread keeps the last caller's identity
+    between requests, and takes its own back after inline.IDLE seconds)."""
     _build(backing)
     m = mount_credfs(caller_caps=caller_caps)
     assert "metadata inline" in m.start_line()
@@ -169,8 +171,12 @@ def test_loop_thread_is_the_daemon_again_after_inline_operations(
             agent.do("stat", os.fspath(mnt / "sg" / "nothing"))
             agent.do("mkdir", os.fspath(mnt / "shared" / f"d-{name}"), 0o777)
             agent.do("rmdir", os.fspath(mnt / "shared" / f"d-{name}"))
-    after = _loop_thread(m.pid)
-    assert {k: after[k] for k in _IDENTITY_FIELDS} == {k: before[k] for k in _IDENTITY_FIELDS}
+    own = {k: before[k] for k in _IDENTITY_FIELDS}
+    deadline = time.monotonic() + 10
+    while (after := {k: _loop_thread(m.pid)[k] for k in _IDENTITY_FIELDS}) != own \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert after == own
 
 
 def _run_caller(uid: int, gid: int, steps: list[Any]) -> list[Any]:
@@ -309,7 +315,9 @@ def _thread_ids() -> dict[str, str]:
 def test_inline_switch_that_cannot_be_made_fails_closed_and_restores() -> None:
     """A daemon that may not take on an identity (no CAP_SETUID left) refuses
     the operation with CredentialError, which the handlers answer EACCES, and
-    never runs it; an operation that raises leaves the thread as it was too."""
+    never runs it, and the thread is its own again. An operation that raises
+    leaves the thread lent to its caller, with the daemon's umask, and own()
+    gives it back exactly as it was."""
     from credfs.creds import CredentialError, Credentials
     from credfs.inline import InlineRunner
 
@@ -328,6 +336,8 @@ def test_inline_switch_that_cannot_be_made_fails_closed_and_restores() -> None:
             runner.run(alice, 0o027, boom)
         except OSError as exc:
             raised = exc.errno
+        lent = _thread_ids()
+        given_back = runner.own()
         after_error = _thread_ids()
         prctl.cap_effective.setuid = False
         prctl.cap_permitted.setuid = False
@@ -339,6 +349,7 @@ def test_inline_switch_that_cannot_be_made_fails_closed_and_restores() -> None:
         except CredentialError:
             refused = True
         return {"before": before, "after_error": after_error, "raised": raised,
+                "lent": lent, "given_back": given_back,
                 "own": own, "after_refusal": _thread_ids(), "refused": refused,
                 "ran": ran}
 
@@ -346,5 +357,9 @@ def test_inline_switch_that_cannot_be_made_fails_closed_and_restores() -> None:
     assert "ok" in out, out
     res = out["ok"]
     assert res["raised"] == errno.EROFS and res["after_error"] == res["before"]
+    assert res["given_back"]
+    assert res["lent"]["Uid"].split()[3] == "2001" and res["lent"]["Gid"].split()[3] == "2001"
+    assert res["lent"]["Groups"].split() == ["2001", "3001"]
+    assert int(res["lent"]["CapEff"], 16) == 0 and res["lent"]["Umask"] == res["before"]["Umask"]
     assert res["refused"] and res["ran"] == [0]  # the refused operation never ran
     assert res["after_refusal"] == res["own"]
