@@ -123,6 +123,15 @@ def open_path(dir_fd: int, name: bytes) -> Found:
         raise
 
 
+def lookup(dir_fd: int, name: bytes) -> Found | None:
+    """open_path, or None when there is no such name (a lookup's common answer,
+    not an error: no exception to build and unwind)."""
+    try:
+        return open_path(dir_fd, name)
+    except FileNotFoundError:
+        return None
+
+
 def reopen_path(fd: int) -> Found:
     """An O_PATH descriptor for the object an open file refers to."""
     pfd = os.open(fd_path(fd), os.O_PATH | os.O_CLOEXEC)

@@ -50,7 +50,8 @@ class _StatusFiles(threading.local):
     third of the cost). It stays bound to the thread it was opened for: once
     that thread has exited, reading gives ESRCH, even if its tid now belongs
     to another thread, which is then opened anew. Per thread of the daemon
-    (in practice the event-loop thread): no descriptor is shared.
+    (in practice the event-loop thread): no descriptor is shared. All are
+    closed when the daemon goes idle (close_status_files).
     """
 
     def __init__(self) -> None:
@@ -91,6 +92,14 @@ def _read_status(tid: int) -> bytes:
     if len(fds) > _KEPT_STATUS_FILES:
         os.close(fds.popitem(last=False)[1])
     return data
+
+
+def close_status_files() -> None:
+    """Close this thread's kept status files (the daemon went idle: their
+    threads may be gone, and a file kept open is a descriptor held)."""
+    fds = _status_files.fds
+    while fds:
+        os.close(fds.popitem()[1])
 
 
 def _read_from_start(fd: int) -> bytes:

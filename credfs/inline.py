@@ -20,7 +20,8 @@ thread that starts it: trio.to_thread), unmounting at exit. Everything else
 there is the same whoever the thread is (replies and notifications on
 /dev/fuse, fstat and getdents on descriptors it holds, policy decisions).
 After IDLE seconds without an inline operation, `keep_tidy` gives the thread
-its own identity back and runs the deferred work (see passthrough.py).
+its own identity back and runs the work put off till then (closing backing
+ids, passthrough.py; closing callers' status files, caller.py).
 
 "Local" is decided per backing device, from the mount table (a statfs
 would itself wait on a network filesystem's server): the filesystem types
@@ -127,7 +128,7 @@ class InlineRunner:
         self._local_set: frozenset[int] = frozenset()
         self._identity: LoopIdentity | None = None
         self._uses = 0  # inline operations so far (keep_tidy tells idleness by it)
-        self._lent: trio.Event | None = None  # set when the identity is lent out
+        self._used: trio.Event | None = None  # set by the first operation after a tidy
 
     def covers(self, dev: int) -> bool:
         """May operations on this backing device run inline?"""
@@ -162,8 +163,9 @@ class InlineRunner:
                 log.warning("refusing request: %s", exc)
                 self._restore(ident)
                 raise
-            if self._lent is not None and ident.lent:
-                self._lent.set()
+            used = self._used
+            if used is not None and not used.is_set():
+                used.set()
             return fn(*args)
         finally:
             backing.confine(confined)
@@ -206,14 +208,12 @@ class InlineRunner:
 
     async def keep_tidy(self, deferred: Callable[[], None] = lambda: None,
                         idle: float = IDLE) -> None:
-        """Until cancelled: once the identity has been lent and no inline
-        operation ran for `idle` seconds, run deferred() and take the own
-        identity back. Sleeps without a timer while nothing is lent."""
+        """Until cancelled: once inline operations have run and then none for
+        `idle` seconds, take the own identity back and run deferred(). Sleeps
+        without a timer while nothing runs."""
         while True:
-            self._lent = trio.Event()
-            ident = self._identity
-            if ident is None or not ident.lent:
-                await self._lent.wait()
+            self._used = trio.Event()
+            await self._used.wait()
             while True:
                 uses = self._uses
                 await trio.sleep(idle)

@@ -253,6 +253,7 @@ class Operations(pyfuse3.Operations):
         """The loop went idle (InlineRunner.keep_tidy): work put off till then."""
         if self.passthrough is not None:
             self.passthrough.close_unregistered()
+        caller.close_status_files()
 
     def describe(self) -> str:
         if self.gate is None:
@@ -379,13 +380,9 @@ class Operations(pyfuse3.Operations):
         parent = self.table.get(parent_inode)
         act = await self._act_named(ctx, "lookup", parent, name)
         epoch = parent.search_epoch
-        try:
-            found = await self._run(act.creds, backing.open_path, parent.fd, name,
-                                    local=parent)
-        except FUSEError as exc:
-            if exc.errno == errno.ENOENT:
-                return self._absent(parent, name, epoch)
-            raise
+        found = await self._run(act.creds, backing.lookup, parent.fd, name, local=parent)
+        if found is None:
+            return self._absent(parent, name, epoch)
         owner = await self._owner_of(found.fd) if self._records_owners() else None
         view = self._read_view(act, parent, name, found.st, owner)
         entry = self._enter(parent, name, found, epoch, view)
