@@ -158,12 +158,10 @@ def from_proc(ctx: RequestContext, permitted_caps: int,
         if not as_daemon():
             raise
         status = _read_status(tid)
+    fsuid, fsgid, as_is = _ids(status, tid)
     try:
-        fsuid = int(_field(status, b"Uid").split()[3])
-        fsgid = int(_field(status, b"Gid").split()[3])
-        groups = tuple(map(int, _field(status, b"Groups").split()))
         cap_eff = int(_field(status, b"CapEff"), 16)
-    except (KeyError, IndexError, ValueError) as exc:
+    except (KeyError, ValueError) as exc:
         raise CredentialError(f"cannot parse /proc/{tid}/status") from exc
     # The tid may have been reused, or the caller changed identity since it
     # made the request: then these groups are not the request's groups.
@@ -172,12 +170,42 @@ def from_proc(ctx: RequestContext, permitted_caps: int,
             f"tid {tid} now has fsuid={fsuid} fsgid={fsgid}, request has {ctx.uid}/{ctx.gid}")
     # Capabilities count only in the daemon's own user namespace; a container's
     # "root" holds its capabilities over its own namespace, not over our files.
-    caps = 0
     if cap_eff & permitted_caps:
         as_daemon()
         if _caller_userns(tid) == _OWN_USERNS:
-            caps = cap_eff & permitted_caps
-    return Credentials(ctx.uid, ctx.gid, groups, caps)
+            return Credentials(fsuid, fsgid, as_is.groups, cap_eff & permitted_caps)
+    return as_is
+
+
+# The ids-and-groups text of recent status files, parsed: most requests come
+# from callers seen before, and parsing costs more than reading the file. A
+# text is the key, so what a caller has now is what counts; the value is the
+# same immutable Credentials each time (a thread already switched to it
+# recognises it by identity: creds.ThreadIdentity.become).
+_parsed_ids: dict[bytes, tuple[int, int, Credentials]] = {}
+_PARSED_IDS_MAX = 4096
+
+
+def _ids(status: bytes, tid: int) -> tuple[int, int, Credentials]:
+    """(fsuid, fsgid, Credentials without capabilities) from a status text."""
+    start = status.find(b"\nUid:")
+    groups_at = status.find(b"\nGroups:", start)
+    end = status.find(b"\n", groups_at + 1)
+    if start < 0 or groups_at < 0 or end < 0:
+        raise CredentialError(f"cannot parse /proc/{tid}/status")
+    text = status[start:end + 1]
+    parsed = _parsed_ids.get(text)
+    if parsed is None:
+        try:
+            fsuid = int(_field(text, b"Uid").split()[3])
+            fsgid = int(_field(text, b"Gid").split()[3])
+            groups = tuple(map(int, _field(text, b"Groups").split()))
+        except (KeyError, IndexError, ValueError) as exc:
+            raise CredentialError(f"cannot parse /proc/{tid}/status") from exc
+        if len(_parsed_ids) >= _PARSED_IDS_MAX:
+            _parsed_ids.clear()
+        parsed = _parsed_ids[text] = (fsuid, fsgid, Credentials(fsuid, fsgid, groups, 0))
+    return parsed
 
 
 def current_syscall(tid: int) -> int | None:

@@ -127,3 +127,24 @@ def _target(fd: str) -> str:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return ""
+
+
+def test_caller_in_thousands_of_groups_read_whole_from_a_kept_file() -> None:
+    """A status file longer than one read (3000 groups: a Groups: line of
+    ~18 KiB) gives every group, when first opened and when read again from the
+    kept file, and the groups parsed are the caller's own each time."""
+    groups = list(range(50000, 53000))
+    pid, tell, done = _child(groups)
+    try:
+        first = caller.from_proc(Ctx(pid), 0)
+        assert pid in _kept()
+        again = caller.from_proc(Ctx(pid), 0)
+        assert first.groups == again.groups == tuple(groups)
+        os.write(tell, b"x")
+        assert os.read(done, 1) == b"c"
+        assert caller.from_proc(Ctx(pid), 0).groups == (groups[0] + 1,)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(tell)
+        os.close(done)
