@@ -19,9 +19,10 @@ handles for the watch (CAP_DAC_READ_SEARCH), closing passthrough backing ids
 thread that starts it: trio.to_thread), unmounting at exit. Everything else
 there is the same whoever the thread is (replies and notifications on
 /dev/fuse, fstat and getdents on descriptors it holds, policy decisions).
-After IDLE seconds without an inline operation, `keep_tidy` gives the thread
-its own identity back and runs the work put off till then (closing backing
-ids, passthrough.py; closing callers' status files, caller.py).
+After IDLE seconds without an inline operation (or BUSY seconds, when they
+never stop), `keep_tidy` gives the thread its own identity back and runs the
+work put off till then (closing backing ids, passthrough.py; closing
+callers' status files, caller.py).
 
 "Local" is decided per backing device, from the mount table (a statfs
 would itself wait on a network filesystem's server): the filesystem types
@@ -65,6 +66,10 @@ _EXIT_IDENTITY_LOST = 70  # EX_SOFTWARE
 # own identity back (and deferred work runs): long enough to span the gaps
 # between one client's requests, short enough that an idle daemon is itself.
 IDLE = 0.05
+# Seconds the deferred work waits at most while inline operations never stop
+# for IDLE (one busy caller is enough): a deleted file's blocks stay held by
+# its passthrough backing id until that work runs.
+BUSY = 1.0
 
 
 def mount_types(mountinfo: str = "/proc/self/mountinfo") -> dict[int, str]:
@@ -207,14 +212,16 @@ class InlineRunner:
             os._exit(_EXIT_IDENTITY_LOST)
 
     async def keep_tidy(self, deferred: Callable[[], None] = lambda: None,
-                        idle: float = IDLE) -> None:
+                        idle: float = IDLE, busy: float = BUSY) -> None:
         """Until cancelled: once inline operations have run and then none for
-        `idle` seconds, take the own identity back and run deferred(). Sleeps
-        without a timer while nothing runs."""
+        `idle` seconds, or `busy` seconds after they began when they never
+        stop, take the own identity back and run deferred(). Sleeps without
+        a timer while nothing runs."""
         while True:
             self._used = trio.Event()
             await self._used.wait()
-            while True:
+            since = trio.current_time()
+            while trio.current_time() - since < busy:
                 uses = self._uses
                 await trio.sleep(idle)
                 if self._uses == uses:

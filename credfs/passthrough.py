@@ -234,8 +234,9 @@ class Passthrough:
         id is closed now when the loop thread is the daemon's own; when the
         thread is lent to a caller (inline.py), closing (CAP_SYS_ADMIN) waits
         for the next of: UNREGISTER_BATCH ids pending, or the loop going idle
-        (close_unregistered, from InlineRunner.keep_tidy). Until then the
-        backing file of a deleted name keeps its blocks."""
+        (close_unregistered, from InlineRunner.keep_tidy; at most inline.BUSY
+        seconds on a daemon that never goes idle). Until then the backing file
+        of a deleted name keeps its blocks."""
         st = self._nodes.pop(node, None)
         if st is None or not st.backing_id or self.dev_fd is None:
             return

@@ -756,3 +756,20 @@ def getdents_chunks(path: str, changes: list[tuple[str, str]] | None = None
                         os.unlink(p)
     finally:
         os.close(fd)
+
+
+def lookup_fresh_until(directory: str, stop: str, seconds: float) -> int:
+    """stat a name never asked for before in directory (a lookup the kernel
+    cannot answer from its cache), again and again, until the file stop
+    exists or seconds have passed; how many were made."""
+    import time
+    deadline = time.monotonic() + seconds
+    n = 0
+    while not os.path.exists(stop) and time.monotonic() < deadline:
+        for _ in range(50):
+            try:
+                os.stat(os.path.join(directory, f"fresh-{os.getpid()}-{n}"))
+            except FileNotFoundError:
+                pass
+            n += 1
+    return n
