@@ -182,8 +182,12 @@ class InlineRunner:
         identity: a thread trio starts inherits the loop thread's, which may be
         lent by the time it starts (trio checkpoints before starting it), and
         trio reuses its threads."""
-        own = self._identity.own if self._identity is not None else None
-        return await trio.to_thread.run_sync(_as_daemon, own, fn, *args)
+        ident = self._identity
+        if ident is None:
+            # Never lent yet, but it may be by the time the thread starts: the
+            # own identity is taken now, on the loop thread, while it is so.
+            ident = self._identity = LoopIdentity()
+        return await trio.to_thread.run_sync(_as_daemon, ident.own, fn, *args)
 
     def own(self) -> bool:
         """Give the loop thread the daemon's own identity back, if it is lent
@@ -230,10 +234,9 @@ class InlineRunner:
             deferred()
 
 
-def _as_daemon(own: Credentials | None, fn: Callable[..., T], *args: Any) -> T:
+def _as_daemon(own: Credentials, fn: Callable[..., T], *args: Any) -> T:
     """In a helper thread: take on the daemon's own identity, then fn(*args).
     The umask is the daemon's (0) and is left alone: the thread shares it with
     the loop thread, which sets a caller's around inline syscalls."""
-    if own is not None:
-        ThreadIdentity(own_fs=False, idle_caps=True, umask=0).become(own, 0)
+    ThreadIdentity(own_fs=False, idle_caps=True, umask=0).become(own, 0)
     return fn(*args)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -106,3 +107,48 @@ def test_deleted_files_space_comes_back_while_others_keep_the_daemon_busy(
     assert free == baseline, f"{(baseline - free) * os.statvfs(tmpfs).f_frsize} bytes still held"
     # Once the daemon is idle, the space is back in any case.
     assert _wait_freed(tmpfs, baseline) == baseline
+
+
+# Run in a fresh interpreter: it switches its main thread's credentials (as
+# the daemon's loop thread does), and trio's thread cache must hold no thread
+# made before.
+_FIRST_HELPER = r"""
+import trio, trio.testing
+from credfs import syscalls
+from credfs.creds import Credentials
+from credfs.inline import InlineRunner
+
+async def main():
+    inline = InlineRunner(types={})
+    limiter = trio.to_thread.current_default_thread_limiter()
+    limiter.total_tokens = 1
+    await limiter.acquire()  # the helper waits at trio's checkpoint until released
+    got = []
+    async def helper():
+        got.append(await inline.to_thread(syscalls.getfsuid))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(helper)
+        await trio.testing.wait_all_tasks_blocked()
+        # Meanwhile the first inline operation ever: the loop is lent to alice.
+        inline.run(Credentials(2001, 2001, (2001, 3001), 0), 0, lambda: None)
+        limiter.release()
+    inline.own()
+    print(got[0], syscalls.getfsuid())
+
+trio.run(main)
+"""
+
+
+def test_first_helper_thread_is_the_daemons_even_if_the_loop_was_lent_meanwhile() -> None:
+    """A helper thread started through InlineRunner.to_thread runs its job as
+    the daemon, also when the loop thread had never been lent when to_thread
+    was called but was lent by the time trio started the thread (trio
+    checkpoints in between, and other requests run there). The thread then
+    inherited the caller's identity and kept it for that job: an unmount at
+    SIGTERM or a policy reload ran as that caller."""
+    out = subprocess.run([sys.executable, "-c", _FIRST_HELPER], capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    helper_fsuid, loop_fsuid = map(int, out.stdout.split())
+    assert loop_fsuid == os.getuid() == 0
+    assert helper_fsuid == 0, f"the helper thread ran as fsuid {helper_fsuid}"
