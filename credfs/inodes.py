@@ -99,6 +99,22 @@ class InodeTable:
         nodes.extend(v.node for v in self._views.get((dev, ino), ()))
         return nodes
 
+    def oldest_names(self, count: int, skip: set[int]) -> list[tuple[int, bytes]]:
+        """(parent node, name) of up to count of the oldest nodes that are not
+        directories, placeholders or in skip; each is moved to the newest end,
+        so that a node the kernel cannot drop is not chosen again first."""
+        chosen: list[Inode] = []
+        for inode in self._by_node.values():
+            if len(chosen) >= count:
+                break
+            if inode.fd < 0 or inode.parent is None or inode.node in skip \
+                    or stat.S_ISDIR(inode.mode):
+                continue
+            chosen.append(inode)
+        for inode in chosen:
+            self._by_node[inode.node] = self._by_node.pop(inode.node)
+        return [(i.parent.node, i.name) for i in chosen if i.parent is not None]
+
     def all_nodes(self) -> list[int]:
         return [n for n, i in self._by_node.items() if i.fd >= 0]
 

@@ -30,6 +30,7 @@ from .operations import Operations
 from .options import MountOptions
 from .passthrough import Passthrough
 from .policy import load_policy
+from .pressure import DescriptorPressure
 from .watch import BackingWatch
 from .watch import Target as WatchTarget
 from .watch import apply as apply_invalidations
@@ -205,6 +206,7 @@ def serve(opts: MountOptions, ready: Ready) -> int:
     ops = Operations(table, pool, identity, cache, kernel_applies_umask=not is_root,
                      notifier=notifier, gate=gate, idmap=opts.idmap, inline=inline,
                      passthrough=io_passthrough, noflush=skip_flush(table.root_dev))
+    ops.pressure = DescriptorPressure(max(fd_limit - 64, 0))
     watch, cache_note = plan_watch(opts, cache, root_fd, table.root_dev, mounter)
     if watch is not None:
         ops.watched_dev = table.root_dev

@@ -43,6 +43,7 @@ from .inodes import Inode, InodeTable
 from .notify import KernelNotifier
 from .passthrough import Choice, Io, Passthrough, kills_setid, write_effects_match
 from .policy import Decision, ObjectFacts
+from .pressure import DescriptorPressure
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,8 @@ class Operations(pyfuse3.Operations):
         self.cache = cache
         # The backing device whose changes watch.py reports (long timeouts on it).
         self.watched_dev: int | None = None
+        # Asks the kernel to forget old entries before descriptors run out.
+        self.pressure: DescriptorPressure | None = None
         self.names = NameCache(cache, notifier)
         self.kernel_applies_umask = kernel_applies_umask
         self.enable_acl = identity.kernel_checks_permissions
@@ -274,6 +277,9 @@ class Operations(pyfuse3.Operations):
         self._handles[fh] = handle
         return fh
 
+    def _open_nodes(self) -> set[int]:
+        return {h.node for h in self._handles.values()}
+
     def _handle(self, fh: int) -> Handle:
         try:
             return self._handles[fh]
@@ -311,6 +317,8 @@ class Operations(pyfuse3.Operations):
         data filters reads through this name apply (a node of its own).
         """
         inode = self.table.remember(found.fd, found.st, parent, name, view)
+        if inode.lookups == 1 and self.pressure is not None:
+            self.pressure.grew(self.table, self._open_nodes)
         # With default_permissions the kernel checks search permission itself on
         # every step of a walk, cached or not: any name may be cached. A policy
         # that decides this name per caller forbids caching it: walks through

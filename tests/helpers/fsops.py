@@ -773,3 +773,15 @@ def lookup_fresh_until(directory: str, stop: str, seconds: float) -> int:
                 pass
             n += 1
     return n
+
+
+def read_each(paths: list[str]) -> list[tuple[str, object]]:
+    """Read each file in turn: ("ok", contents as text) or ("err", errno)."""
+    out: list[tuple[str, object]] = []
+    for p in paths:
+        try:
+            with open(p, "rb") as f:
+                out.append(("ok", f.read().decode(errors="replace")))
+        except OSError as e:
+            out.append(("err", e.errno or 0))
+    return out
