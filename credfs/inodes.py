@@ -99,6 +99,10 @@ class InodeTable:
         nodes.extend(v.node for v in self._views.get((dev, ino), ()))
         return nodes
 
+    def plain(self, dev: int, ino: int) -> Inode | None:
+        """The unfiltered node of the backing inode (dev, ino), if known."""
+        return self._by_key.get((dev, ino, ()))
+
     def all_nodes(self) -> list[int]:
         return [n for n, i in self._by_node.items() if i.fd >= 0]
 
