@@ -418,7 +418,7 @@ def list_dir_packed(dir_fh: int, first_off: int) -> PackedListing:
 
 def _lstat_type(dir_fh: int, name: bytes) -> int:
     try:
-        return stat.S_IFMT(os.lstat(name, dir_fd=dir_fh, follow_symlinks=False).st_mode)
+        return stat.S_IFMT(os.lstat(name, dir_fd=dir_fh).st_mode)
     except OSError:
         return 0
 

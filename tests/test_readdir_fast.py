@@ -16,7 +16,9 @@ looks like natively.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import stat
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyfuse3
@@ -183,3 +185,51 @@ def test_references_balance(backing: Path, mount_credfs: MountFactory,
     assert fd_count(m.pid) <= peak + 8, "known names got nodes again"
     end = forget_all(m, baseline)
     assert end <= baseline + FD_SLACK, f"{end} fds after forget (baseline {baseline})"
+
+
+@pytest.fixture
+def no_dtype_fs(workdir: Path) -> Iterator[Path]:
+    """A small ext4 without the filetype feature (every d_type is DT_UNKNOWN),
+    loop-mounted under workdir; unmounted after the credfs mount on it."""
+    image, root = workdir / "nodtype.img", workdir / "nodtype"
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    root.mkdir()
+    made = subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "^filetype", os.fspath(image)],
+                          capture_output=True, timeout=60)
+    if made.returncode != 0:
+        pytest.skip(f"mkfs.ext4 -O ^filetype: {made.stderr.decode().strip()}")
+    mounted = subprocess.run(["mount", "-o", "loop", os.fspath(image), os.fspath(root)],
+                             capture_output=True, timeout=60)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot loop-mount an image: {mounted.stderr.decode().strip()}")
+    try:
+        root.chmod(0o755)
+        yield root
+    finally:
+        if subprocess.run(["umount", os.fspath(root)], timeout=60).returncode != 0:
+            subprocess.run(["umount", "-l", os.fspath(root)], timeout=60)
+        image.unlink()
+
+
+def test_listing_without_d_type(no_dtype_fs: Path, mount_credfs: MountFactory,
+                                workdir: Path, agents: dict[str, UserAgent]) -> None:
+    """On a filesystem that gives no d_type, each type is the opener's lstat
+    of the name (as the list path does): names and types as natively."""
+    for d in ("src", "native"):
+        (no_dtype_fs / d).mkdir(mode=0o755)
+        _fill(no_dtype_fs / d / "d", 1500)
+    raw = _flat(_chunks(agents["root"], no_dtype_fs / "src" / "d"))
+    assert {t for _n, _i, t in raw} == {0}, "the filesystem gives d_type after all"
+    mnt = workdir / "nodtype-mnt"
+    mnt.mkdir(mode=0o755)
+    m = mount_credfs(source=no_dtype_fs / "src", mountpoint=mnt)
+    via = os.path.join(m.mountpoint, "d")
+    alice = agents["alice"]
+    got = _flat(_chunks(alice, via))
+    assert {t for _n, _i, t in got} >= {1, 4, 8, 10}  # fifo, dir, file, symlink
+    want = alice.do("listdir_stat", os.fspath(no_dtype_fs / "native" / "d"))
+    assert alice.do("listdir_stat", via) == want
+    for name, _ino, d_type in got:
+        if name not in (".", ".."):
+            assert d_type << 12 == stat.S_IFMT(os.lstat(no_dtype_fs / "src" / "d" / name).st_mode)
