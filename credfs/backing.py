@@ -397,23 +397,20 @@ def list_dir(dir_fh: int) -> list[DirEntry]:
 
 try:  # ... and can keep a listing as ready-made FUSE_READDIR records (listing.py)
     from pyfuse3 import listdir_packed as _listdir_packed
-    from pyfuse3 import pack_entries as _pack_entries
 except ImportError:
-    _listdir_packed = _pack_entries = None
+    _listdir_packed = None
 
 
 def list_dir_packed(dir_fh: int, first_off: int) -> PackedListing:
     """list_dir's entries as a pyfuse3.PackedListing (needs a pyfuse3 built
     with scripts/pyfuse3-readpack.patch) whose first entry has offset first_off."""
-    assert _listdir_packed is not None and _pack_entries is not None
+    assert _listdir_packed is not None
     packed = _listdir_packed(dir_fh, first_off)
-    if not packed.unknown_types:
-        return packed
-    entries = packed.entries()  # d_type unknown somewhere: types as list_dir gives them
-    for i, (name, type_bits, ino) in enumerate(entries):
-        if not type_bits:
-            entries[i] = (name, _lstat_type(dir_fh, name), ino)
-    return _pack_entries(entries, first_off)
+    if packed.unknown_types:  # d_type unknown: the type as the caller can lstat it
+        for i, (name, type_bits, _ino) in enumerate(packed.entries()):
+            if not type_bits:
+                packed.set_type(i, _lstat_type(dir_fh, name))
+    return packed
 
 
 def _lstat_type(dir_fh: int, name: bytes) -> int:
