@@ -2,12 +2,15 @@
 
 As root, from the repository:
 
-    .venv/bin/python benchmarks/readdir_micro.py [--n 10000] [--reps 5] [-- CREDFS ARGS]
+    .venv/bin/python benchmarks/readdir_micro.py [--n 10000] [--reps 5] [--dir DIR]
+        [--uid UID] [-- CREDFS ARGS]
 
 Makes a fresh directory of N empty files twice under one temporary directory
-(one the credfs mount's source, one read natively: same filesystem), mounts
-credfs (`python -m credfs mount --foreground`, this checkout) and times, each
-as the median of --reps runs, in this one process (root):
+(one the credfs mount's source, one read natively: same filesystem; under
+--dir, e.g. a RAM-backed ext4, else /tmp), mounts credfs (`python -m credfs
+mount --foreground`, this checkout) and times, each as the median of --reps
+runs, in one process (root, or a child running as --uid, as the compare
+benchmark lists as uid 2001; the files then belong to that uid):
 
 - scandir: `os.scandir(d)` counting entries (names and types, no stat), right
   after an (untimed) lstat pass over the same names, as the compare
@@ -30,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,18 +101,26 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=10000, help="files in the directory")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--dir", default="/tmp", help="where to make the directories")
+    p.add_argument("--uid", type=int, default=0, help="list as this uid (and its gid)")
     p.add_argument("credfs_args", nargs="*", help="extra credfs mount arguments")
     args = p.parse_args()
     if os.geteuid() != 0:
         sys.stderr.write("readdir_micro: run as root\n")
         return 2
-    tmp = tempfile.mkdtemp(prefix="readdir-micro.", dir="/tmp")
+    tmp = tempfile.mkdtemp(prefix="readdir-micro.", dir=args.dir)
     os.chmod(tmp, 0o755)
     src, native, mnt = (os.path.join(tmp, x) for x in ("src", "native", "mnt"))
     for x in (src, native, mnt):
         os.mkdir(x, 0o755)
     make_files(os.path.join(src, "d"), args.n)
     make_files(os.path.join(native, "d"), args.n)
+    if args.uid:
+        for top in (src, native):
+            for dirpath, _dirs, files in os.walk(os.path.join(top, "d")):
+                os.chown(dirpath, args.uid, args.uid)
+                for f in files:
+                    os.chown(os.path.join(dirpath, f), args.uid, args.uid)
     cmd = [sys.executable, "-m", "credfs", "mount", src, mnt, "--foreground",
            "--log-level", "warning", *args.credfs_args]
     daemon = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL,
@@ -120,17 +132,22 @@ def main() -> int:
                 sys.stderr.write("readdir_micro: credfs did not mount\n")
                 return 1
             time.sleep(0.05)
-        print(f"{args.n} entries, median of {args.reps}; credfs {' '.join(args.credfs_args)}")
-        for label, fn, prepare in (("scandir (after a stat pass)", scandir, True),
-                                   ("scandir+lstat (ls -l)", scandir_lstat, False)):
-            nat, _, n_nat = timed(fn, os.path.join(native, "d"), args.reps, prepare, None)
-            via, cpu, n_via = timed(fn, os.path.join(mnt, "d"), args.reps, prepare, daemon.pid)
-            assert n_nat == n_via == args.n, (n_nat, n_via)
-            assert cpu is not None
-            print(f"{label:<30} native {n_nat / nat:>11,.0f}/s  credfs {n_via / via:>10,.0f}/s"
-                  f"  ratio {nat / via:5.3f}  daemon CPU {cpu / n_via * 1e6:6.2f} µs/entry",
-                  flush=True)
-        return 0
+        print(f"{args.n} entries, median of {args.reps}, uid {args.uid}, under {args.dir};"
+              f" credfs {' '.join(args.credfs_args)}", flush=True)
+        if args.uid and os.fork() == 0:  # measure as the uid, in a child
+            code = 1
+            try:
+                os.setgroups([])
+                os.setresgid(args.uid, args.uid, args.uid)
+                os.setresuid(args.uid, args.uid, args.uid)
+                code = measure(args, native, mnt, daemon.pid)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        if args.uid:
+            return os.waitstatus_to_exitcode(os.wait()[1])
+        return measure(args, native, mnt, daemon.pid)
     finally:
         if mounted(mnt):
             subprocess.run(["umount", mnt], check=False, timeout=30)
@@ -142,6 +159,19 @@ def main() -> int:
         if mounted(mnt):
             subprocess.run(["umount", "-l", mnt], check=False, timeout=30)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, native: str, mnt: str, daemon: int) -> int:
+    for label, fn, prepare in (("scandir (after a stat pass)", scandir, True),
+                               ("scandir+lstat (ls -l)", scandir_lstat, False)):
+        nat, _, n_nat = timed(fn, os.path.join(native, "d"), args.reps, prepare, None)
+        via, cpu, n_via = timed(fn, os.path.join(mnt, "d"), args.reps, prepare, daemon)
+        assert n_nat == n_via == args.n, (n_nat, n_via)
+        assert cpu is not None
+        print(f"{label:<30} native {n_nat / nat:>11,.0f}/s  credfs {n_via / via:>10,.0f}/s"
+              f"  ratio {nat / via:5.3f}  daemon CPU {cpu / n_via * 1e6:6.2f} µs/entry",
+              flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -20,8 +20,12 @@ import os
 import stat
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import syscalls
+
+if TYPE_CHECKING:
+    from pyfuse3 import PackedListing
 
 ACL_ACCESS = "system.posix_acl_access"
 ACL_DEFAULT = "system.posix_acl_default"
@@ -400,9 +404,27 @@ def list_dir(dir_fh: int) -> list[DirEntry]:
         return [(os.fsencode(e.name), _type_bits(e), e.inode()) for e in it]
 
 
+try:  # ... and can keep a listing as ready-made FUSE_READDIR records (listing.py)
+    from pyfuse3 import listdir_packed as _listdir_packed
+except ImportError:
+    _listdir_packed = None
+
+
+def list_dir_packed(dir_fh: int, first_off: int) -> PackedListing:
+    """list_dir's entries as a pyfuse3.PackedListing (needs a pyfuse3 built
+    with scripts/pyfuse3-readpack.patch) whose first entry has offset first_off."""
+    assert _listdir_packed is not None
+    packed = _listdir_packed(dir_fh, first_off)
+    if packed.unknown_types:  # d_type unknown: the type as the caller can lstat it
+        for i, (name, type_bits, _ino) in enumerate(packed.entries()):
+            if not type_bits:
+                packed.set_type(i, _lstat_type(dir_fh, name))
+    return packed
+
+
 def _lstat_type(dir_fh: int, name: bytes) -> int:
     try:
-        return stat.S_IFMT(os.lstat(name, dir_fd=dir_fh, follow_symlinks=False).st_mode)
+        return stat.S_IFMT(os.lstat(name, dir_fd=dir_fh).st_mode)
     except OSError:
         return 0
 

@@ -115,6 +115,10 @@ class InodeTable:
             self._by_node[inode.node] = self._by_node.pop(inode.node)
         return [(i.parent.node, i.name) for i in chosen if i.parent is not None]
 
+    def plain(self, dev: int, ino: int) -> Inode | None:
+        """The unfiltered node of the backing inode (dev, ino), if known."""
+        return self._by_key.get((dev, ino, ()))
+
     def all_nodes(self) -> list[int]:
         return [n for n, i in self._by_node.items() if i.fd >= 0]
 

@@ -101,7 +101,7 @@ class Handle:
     fd: int
     creds: Credentials  # the opener's: every later operation on it runs as them
     kill_privs: bool = False  # writes must clear setuid/setgid (see IdentitySource)
-    entries: list[backing.DirEntry] | None = None
+    entries: listing.Snapshot | None = None
     node: int = 0
     io: Io = Io.CACHED  # how the kernel does this open file's reads and writes
     filters: tuple[str, ...] = ()  # data filters decided at open, applied to every read
@@ -856,9 +856,13 @@ class Operations(pyfuse3.Operations):
         parent = self.table.get(h.node)
         if start_id == 0 or h.entries is None:
             # A snapshot per pass: offsets stay stable while the directory changes.
-            h.entries = await self._run(h.creds, backing.list_dir, h.fd, local=parent)
-            if h.decide is not None:
-                h.entries, h.owners = await self._visible(h, h.entries)
+            if h.decide is None and listing.PACKED:
+                h.entries = await self._run(h.creds, backing.list_dir_packed, h.fd,
+                                            listing.FIRST_OFF, local=parent)
+            else:
+                h.entries = await self._run(h.creds, backing.list_dir, h.fd, local=parent)
+                if h.decide is not None:
+                    h.entries, h.owners = await self._visible(h, h.entries)
         if listing.is_plain(token):
             listing.reply_plain(token, h.entries, start_id, h.node)
             return
@@ -871,34 +875,77 @@ class Operations(pyfuse3.Operations):
         entries = h.entries
         pos = max(start_id, _DOTS) - _DOTS
         batch = 32
+        nodes_pay: bool | None = None  # asked once, when a name is not in the kernel yet
         while pos < len(entries):
-            chunk = entries[pos:pos + batch]
-            epoch = parent.search_epoch
-            found = await self._run(h.creds, backing.lookup_listed, h.fd, chunk, local=parent)
-            for i, ((name, type_bits, _ino), item) in enumerate(zip(chunk, found, strict=True)):
-                if isinstance(item, OSError):
-                    if item.errno == errno.ENOENT or not type_bits:
-                        continue  # gone since it was listed
-                    attrs = self._placeholder_attrs(type_bits)
-                elif name in h.listed_refused:
-                    # Listed, but the opener may not look it up: no node the
-                    # kernel could walk through, as for an unsearchable parent.
-                    os.close(item.fd)
-                    attrs = self._placeholder_attrs(stat.S_IFMT(item.st.st_mode))
-                else:
-                    view = h.listed_views.get(name, ()) \
-                        if stat.S_ISREG(item.st.st_mode) else ()
-                    attrs = self._enter(parent, name, item, epoch, view)
-                    if h.owners is not None:
-                        self.table.get(attrs.st_ino).owner_uid = h.owners.get(name)
-                if not pyfuse3.readdir_reply(token, name, attrs, _DOTS + pos + i + 1):
-                    # The kernel's buffer is full: this entry was not sent.
-                    self.table.forget(attrs.st_ino, 1)
-                    for rest in found[i + 1:]:
-                        if not isinstance(rest, OSError):
-                            os.close(rest.fd)
+            chunk = listing.entries_of(entries, pos, pos + batch)
+            if listing.is_packed(entries):
+                # A node only where it can be of use (see _nodes_pay); the rest
+                # are listed without one, as in a plain reply.
+                linked = [not self._in_kernel(parent, e) for e in chunk]
+                if any(linked) and nodes_pay is None:
+                    nodes_pay = await self._nodes_pay(h, parent)
+                runs = listing.runs(linked if nodes_pay else [False] * len(chunk))
+            else:
+                runs = [(0, len(chunk), True)]
+            for i, j, link in runs:
+                if link:
+                    if not await self._reply_linked(h, parent, token, chunk[i:j], pos + i):
+                        return
+                elif not listing.reply_unlinked(token, entries, pos + i, pos + j):
                     return
             pos += len(chunk)
+
+    def _in_kernel(self, parent: Inode, entry: backing.DirEntry) -> bool:
+        """Is the listed name a node the kernel got from us by this very name
+        in this directory, and may cache (so it most likely has its dentry)?
+        Then a readdirplus entry for it would only repeat what it has."""
+        name, _type_bits, ino = entry
+        node = self.table.plain(parent.key[0], ino)
+        return node is not None and node.parent is parent and node.name == name \
+            and name in parent.cached_names
+
+    async def _nodes_pay(self, h: Handle, parent: Inode) -> bool:
+        """Would nodes given in a readdirplus reply for names in this directory
+        be of any use? Not when their entries could not be cached (a zero
+        timeout; the directory not searchable by everyone): the kernel would
+        look each name up again, as its caller, before any use of it."""
+        if not self._timeout(parent):
+            return False
+        if self.identity.kernel_checks_permissions:
+            return True
+        return await self._run(h.creds, backing.public_dir, h.fd, local=parent)
+
+    async def _reply_linked(self, h: Handle, parent: Inode, token: pyfuse3.ReaddirToken,
+                            chunk: list[backing.DirEntry], pos: int) -> bool:
+        """Entries of chunk, the first at position pos of the listing, each with
+        a node (a lookup reference) into a readdirplus reply: names are resolved
+        as the opener. False when the kernel's buffer is full."""
+        epoch = parent.search_epoch
+        found = await self._run(h.creds, backing.lookup_listed, h.fd, chunk, local=parent)
+        for i, ((name, type_bits, _ino), item) in enumerate(zip(chunk, found, strict=True)):
+            if isinstance(item, OSError):
+                if item.errno == errno.ENOENT or not type_bits:
+                    continue  # gone since it was listed
+                attrs = self._placeholder_attrs(type_bits)
+            elif name in h.listed_refused:
+                # Listed, but the opener may not look it up: no node the
+                # kernel could walk through, as for an unsearchable parent.
+                os.close(item.fd)
+                attrs = self._placeholder_attrs(stat.S_IFMT(item.st.st_mode))
+            else:
+                view = h.listed_views.get(name, ()) \
+                    if stat.S_ISREG(item.st.st_mode) else ()
+                attrs = self._enter(parent, name, item, epoch, view)
+                if h.owners is not None:
+                    self.table.get(attrs.st_ino).owner_uid = h.owners.get(name)
+            if not pyfuse3.readdir_reply(token, name, attrs, _DOTS + pos + i + 1):
+                # The kernel's buffer is full: this entry was not sent.
+                self.table.forget(attrs.st_ino, 1)
+                for rest in found[i + 1:]:
+                    if not isinstance(rest, OSError):
+                        os.close(rest.fd)
+                return False
+        return True
 
     async def _visible(self, h: Handle, entries: list[backing.DirEntry]
                        ) -> tuple[list[backing.DirEntry], dict[bytes, int | None] | None]:
