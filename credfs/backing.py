@@ -136,6 +136,19 @@ def lookup(dir_fd: int, name: bytes) -> Found | None:
         return None
 
 
+# A deleted file at least this large is worth releasing at once (passthrough.py).
+LARGE = 1 << 20
+
+
+def deleted_and_large(fd: int) -> bool:
+    """Is the file fd refers to unlinked, and holding at least LARGE bytes?"""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return False
+    return st.st_nlink == 0 and st.st_blocks * 512 >= LARGE
+
+
 def reopen_path(fd: int) -> Found:
     """An O_PATH descriptor for the object an open file refers to."""
     pfd = os.open(fd_path(fd), os.O_PATH | os.O_CLOEXEC)

@@ -435,9 +435,13 @@ class Operations(pyfuse3.Operations):
             return None
 
     def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        pt = self.passthrough
         for node, count in inode_list:
-            if self.table.forget(node, count) and self.passthrough is not None:
-                self.passthrough.forgotten(node)
+            inode = self.table.known(node)
+            holds_space = pt is not None and inode is not None and pt.registered(node) \
+                and backing.deleted_and_large(inode.fd)
+            if self.table.forget(node, count) and pt is not None:
+                pt.forgotten(node, at_once=holds_space)
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext
                       ) -> pyfuse3.EntryAttributes:

@@ -229,9 +229,14 @@ class Passthrough:
         elif io is Io.CACHED:
             st.cached -= 1
 
-    def forgotten(self, node: int) -> None:
+    def registered(self, node: int) -> bool:
+        st = self._nodes.get(node)
+        return st is not None and bool(st.backing_id)
+
+    def forgotten(self, node: int, at_once: bool = False) -> None:
         """The kernel forgot the node: no open file of it remains. Its backing
-        id is closed now when the loop thread is the daemon's own; when the
+        id is closed now when the loop thread is the daemon's own, or when the
+        file is deleted and large (at_once: its space is wanted); when the
         thread is lent to a caller (inline.py), closing (CAP_SYS_ADMIN) waits
         for the next of: UNREGISTER_BATCH ids pending, or the loop going idle
         (close_unregistered, from InlineRunner.keep_tidy; at most inline.BUSY
@@ -241,7 +246,7 @@ class Passthrough:
         if st is None or not st.backing_id or self.dev_fd is None:
             return
         self._unregistered.append(st.backing_id)
-        if self._inline is None or len(self._unregistered) >= UNREGISTER_BATCH:
+        if at_once or self._inline is None or len(self._unregistered) >= UNREGISTER_BATCH:
             self.close_unregistered()
 
     def close_unregistered(self) -> None:

@@ -25,6 +25,9 @@ MiB = 1 << 20
 UID_A, UID_B = 2001, 2002  # the workloads' users (gid = uid, no other groups)
 
 
+STABLE_LOOKS = 3  # settle(): looks at the free space that must agree
+
+
 @dataclass(frozen=True)
 class Sizes:
     read_file: int = 1 << 30  # shared file for sequential and random reads
@@ -133,13 +136,13 @@ class Env:
         sysutil.syncfs(self.fs_root)
         # The kernel can still hold a removed file after the daemon let go of
         # it (an asynchronous RELEASE in flight, a backing-file registration
-        # being dropped): wait until the free space stops growing.
-        free = -1
+        # being dropped): wait until the free space has stopped growing, the
+        # same over STABLE_LOOKS looks 0.1 s apart.
+        free, same = -1, 0
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and same < STABLE_LOOKS:
             now = os.statvfs(self.fs_root).f_bavail
-            if now == free:
-                break
+            same = same + 1 if now == free else 0
             free = now
             time.sleep(0.1)
             sysutil.syncfs(self.fs_root)
