@@ -3,9 +3,10 @@
 As root, from the repository:
 
     .venv/bin/python benchmarks/credfs_meta.py [--files 5000] [--rounds 2]
-        [--uid 2001] [-- extra credfs mount arguments]
+        [--uid 2001] [--dir /tmp] [-- extra credfs mount arguments]
 
-A fresh 0755 directory under /tmp holds a backing directory (mounted with
+A fresh 0755 directory under --dir (/tmp; a RAM-backed ext4 mounted there
+gives steadier figures than the root disk) holds a backing directory (mounted with
 credfs on a third directory) and a native twin, each with a subdirectory
 owned by --uid. A process running as that uid (groups: its uid) creates
 (O_CREAT|O_EXCL, close), stats and unlinks --files files in the
