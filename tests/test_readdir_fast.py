@@ -26,47 +26,19 @@ import pytest
 from helpers.agents import UserAgent
 from helpers.mounts import CredfsMount
 from test_inodes import FD_SLACK, fd_count, forget_all
+from test_readdir_plain import NAME, Entry, _chunks, _fill, _flat, _name_type
 
 pytestmark = pytest.mark.skipif(
     not hasattr(pyfuse3, "readdir_reply_packed"),
     reason="needs pyfuse3 built with scripts/pyfuse3-readpack.patch (packed listings)")
 
 MountFactory = Callable[..., CredfsMount]
-Entry = tuple[str, int, int]  # name, d_ino, d_type
-NAME = "entry-with-a-longish-name-{:05d}"
 ALICE = 2001
 SHARED_GROUP = 3001  # alice and bob
 
 
-def _fill(d: Path, count: int, mode: int = 0o755, owner: int = 0, group: int = 0) -> None:
-    """count files, and one of every other type among them."""
-    d.mkdir()
-    for i in range(count):
-        (d / NAME.format(i)).touch()
-    (d / "subdir").mkdir()
-    (d / "link").symlink_to("subdir")
-    (d / "dangling").symlink_to("nowhere")
-    os.mkfifo(d / "fifo")
-    os.chown(d, owner, group)
-    d.chmod(mode)
-
-
-def _chunks(agent: UserAgent, path: Path | str) -> list[list[Entry]]:
-    out = agent.do("getdents_chunks", os.fspath(path), None)
-    assert out[0] == "ok", (path, out)
-    return out[1]
-
-
-def _flat(chunks: list[list[Entry]]) -> list[Entry]:
-    return [e for chunk in chunks for e in chunk]
-
-
 def _no_dots(entries: list[Entry]) -> list[Entry]:
     return sorted(e for e in entries if e[0] not in (".", ".."))
-
-
-def _name_type(entries: list[Entry]) -> list[tuple[str, int]]:
-    return sorted((name, d_type) for name, _ino, d_type in entries)
 
 
 def _same_listing(agent: UserAgent, via: Path | str, native: Path, backing: Path) -> None:

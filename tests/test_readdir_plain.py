@@ -31,7 +31,7 @@ Entry = tuple[str, int, int]  # name, d_ino, d_type
 NAME = "entry-with-a-longish-name-{:05d}"
 
 
-def _fill(d: Path, count: int, mode: int = 0o755) -> None:
+def _fill(d: Path, count: int, mode: int = 0o755, owner: int = 0, group: int = 0) -> None:
     """count files, and a few of every other type among them."""
     d.mkdir()
     for i in range(count):
@@ -40,6 +40,7 @@ def _fill(d: Path, count: int, mode: int = 0o755) -> None:
     (d / "link").symlink_to("subdir")
     (d / "dangling").symlink_to("nowhere")
     os.mkfifo(d / "fifo")
+    os.chown(d, owner, group)
     d.chmod(mode)
 
 
