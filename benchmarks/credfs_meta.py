@@ -27,11 +27,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
+
+from harness import sysutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = ("create", "stat", "fstat", "unlink")
@@ -147,14 +148,7 @@ def main() -> None:
             print(f"{row:8} {args.files / n_s:13.0f} {args.files / c_s:13.0f} "
                   f"{n_s / c_s:6.3f} {cpu:17.1f}")
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait(timeout=15)
-        if is_mounted(mnt):
-            subprocess.run(["umount", "-l", mnt], timeout=15, check=False)
+        sysutil.stop_daemon(daemon, mnt, grace=15)
         log.close()
         shutil.rmtree(work, ignore_errors=True)
 

@@ -35,6 +35,8 @@ import sys
 import tempfile
 import time
 
+from harness import sysutil
+
 COUNT_XATTR = b"user.floor.requests"
 
 
@@ -180,14 +182,7 @@ def measure(args: argparse.Namespace) -> None:
                 c1 = cpu_ticks(daemon.pid)
                 print(f"  idle {args.idle:.0f}s: daemon CPU {(c1 - c0) / hz * 1e3:.0f} ms")
         finally:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait(timeout=10)
-            if os.path.ismount(mnt):
-                subprocess.run(["umount", "-l", mnt], timeout=10, check=False)
+            sysutil.stop_daemon(daemon, mnt)
         print(f"  daemon exit status {daemon.returncode}")
 
 

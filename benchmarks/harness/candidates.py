@@ -5,7 +5,6 @@ pid (for its CPU time) and can end it by pid.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import signal
@@ -131,18 +130,7 @@ class Candidate:
         proc, mnt = self.proc, self.mountpoint
         if proc is None or mnt is None:
             return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                for m in sysutil.mounts_under(mnt):
-                    if m.mountpoint == mnt and m.fstype.startswith("fuse"):
-                        sysutil.abort_fuse(m)
-                proc.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(10)
-        if not sysutil.lazy_umount(mnt):
+        if not sysutil.stop_daemon(proc, mnt):
             raise BenchError(f"could not unmount {mnt}")
 
 

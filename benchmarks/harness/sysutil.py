@@ -89,6 +89,24 @@ def lazy_umount(path: str, timeout: float = 20) -> bool:
     return not any(m.mountpoint == path for m in mounts())
 
 
+def stop_daemon(proc: subprocess.Popen[bytes], mountpoint: str, grace: float = 10) -> bool:
+    """End a FUSE daemon started by us: SIGTERM, then SIGKILL and a connection
+    abort after grace seconds; umount -l whatever stays. True when nothing is
+    mounted at mountpoint any more."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            for m in mounts_under(mountpoint):
+                if m.mountpoint == mountpoint and m.fstype.startswith("fuse"):
+                    abort_fuse(m)
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(grace)
+    return lazy_umount(mountpoint)
+
+
 def loop_devices(match: Callable[[str], bool]) -> list[str]:
     """/dev/loopN whose backing file path (as the kernel shows it) matches."""
     found = []
