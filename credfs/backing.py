@@ -117,21 +117,26 @@ def public_dir(fd: int, st: os.stat_result | None = None) -> bool:
     return False
 
 
-def open_path(dir_fd: int, name: bytes) -> Found:
-    """Resolve one name as the worker's identity (needs search on the parent)."""
+def open_path(dir_fd: int, name: bytes, parent_public: bool | None = None) -> Found:
+    """Resolve one name as the worker's identity (needs search on the parent).
+
+    parent_public: whether the parent is searchable by everyone, when the
+    caller knows (see Operations._known_public); None: looked at here, after
+    the name was resolved."""
     fd = open_name(dir_fd, name)
     try:
-        return Found(fd, os.fstat(fd), public_dir(dir_fd))
+        return Found(fd, os.fstat(fd),
+                     public_dir(dir_fd) if parent_public is None else parent_public)
     except BaseException:
         os.close(fd)
         raise
 
 
-def lookup(dir_fd: int, name: bytes) -> Found | None:
+def lookup(dir_fd: int, name: bytes, parent_public: bool | None = None) -> Found | None:
     """open_path, or None when there is no such name (a lookup's common answer,
     not an error: no exception to build and unwind)."""
     try:
-        return open_path(dir_fd, name)
+        return open_path(dir_fd, name, parent_public)
     except FileNotFoundError:
         return None
 
@@ -185,14 +190,16 @@ def open_nowait(fd: int, flags: int) -> int:
     return out
 
 
-def create(dir_fd: int, name: bytes, flags: int, mode: int) -> tuple[int, Found]:
-    """Create (or open, without O_EXCL) in one syscall, as the caller."""
+def create(dir_fd: int, name: bytes, flags: int, mode: int,
+           parent_public: bool | None = None) -> tuple[int, Found]:
+    """Create (or open, without O_EXCL) in one syscall, as the caller
+    (parent_public: as for open_path)."""
     check_name(name)
     fh = os.open(name, (flags & ~(os.O_NOCTTY | FMODE_EXEC)) | os.O_CREAT | os.O_NOFOLLOW
                  | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
         found = reopen_path(fh)
-        found.parent_public = public_dir(dir_fd)
+        found.parent_public = public_dir(dir_fd) if parent_public is None else parent_public
         return fh, found
     except BaseException:
         os.close(fh)

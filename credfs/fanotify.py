@@ -106,7 +106,8 @@ def _handle(buf: bytes, at: int) -> tuple[bytes, int]:
     return struct.pack("=i", kind) + buf[start:start + size], start + size
 
 
-def parse(buf: bytes) -> list[Event]:
+def parse(buf: bytes, skip_pid: int = 0) -> list[Event]:
+    """The events in buf, but those caused by skip_pid (an overflow is kept)."""
     events = []
     at = 0
     while at + _META.size <= len(buf):
@@ -115,6 +116,9 @@ def parse(buf: bytes) -> list[Event]:
             break  # cannot happen for a whole read; never loop forever on it
         if fd >= 0:  # not in file-handle mode; never expected
             os.close(fd)
+        if pid == skip_pid and skip_pid and not mask & FAN_Q_OVERFLOW:
+            at += event_len
+            continue
         ev = Event(mask, pid)
         info = at + meta_len
         end = at + event_len

@@ -44,6 +44,9 @@ class Inode:
     cached_names: set[bytes] = field(default_factory=set)
     # Bumped by every change through the mount that may reduce who can search it.
     search_epoch: int = 0
+    # The search_epoch at which this directory, on the watched device, was
+    # last seen searchable by everyone (see Operations._known_public).
+    public_epoch: int = -1
     # Where the kernel last reached it through the mount (policies match paths);
     # a file with several links is known by the name it was last looked up by.
     parent: Inode | None = None
@@ -51,6 +54,10 @@ class Inode:
     owner_uid: int | None = None  # the creator on record (policies that ask)
     # A filtered view's node: the file version its page cache was filled from.
     cached_version: tuple[int, ...] | None = None
+    # The backing file was seen without security.capability, on the watched
+    # device, and no change to its attributes has been seen since (see
+    # Operations.getxattr: the kernel asks before every write).
+    caps_absent: bool = False
 
     @property
     def is_dir(self) -> bool:
@@ -98,6 +105,10 @@ class InodeTable:
         nodes = [plain.node] if plain is not None else []
         nodes.extend(v.node for v in self._views.get((dev, ino), ()))
         return nodes
+
+    def inodes_of(self, dev: int, ino: int) -> list[Inode]:
+        """nodes_of, as Inodes."""
+        return [self._by_node[n] for n in self.nodes_of(dev, ino)]
 
     def oldest_names(self, count: int, skip: set[int]) -> list[tuple[int, bytes]]:
         """(parent node, name) of up to count of the oldest nodes that are not

@@ -114,6 +114,7 @@ class Handle:
 
 _CACHED = Choice(Io.CACHED)
 _CAPS_XATTR = b"security.capability"
+_SECURITY_PREFIX = b"security."
 # Removes file capabilities for the kernel's kill (see _kill_caps_for_writer).
 _CAPS_KILLER = Credentials(0, 0, (), cap_bit(CAP_SETFCAP))
 
@@ -328,6 +329,27 @@ class Operations(pyfuse3.Operations):
         timeout = self.names.entry_timeout(parent, name, public, epoch, self._timeout(parent))
         return self._attrs(inode, found.st, timeout)
 
+    def _known_public(self, directory: Inode) -> bool | None:
+        """True when directory is known to be searchable by everyone without
+        looking (None: look). Only on the watched device: seen so at its
+        current search_epoch, which every change through the mount that may
+        reduce who can search it bumps, and so does the watch for every change
+        of its mode, owner or ACL behind the mount's back (within the watch's
+        few milliseconds, as for what the kernel caches); a lost event forgets
+        them all (watch.Target.watched_change)."""
+        if directory.public_epoch == directory.search_epoch and \
+                directory.key[0] == self.watched_dev:
+            return True
+        return None
+
+    def _saw_parent(self, directory: Inode, public: bool, epoch: int) -> None:
+        """A fresh look at whether directory is searchable by everyone, made
+        during a request that started at its search_epoch epoch."""
+        if not public:
+            directory.public_epoch = -1
+        elif epoch == directory.search_epoch and directory.key[0] == self.watched_dev:
+            directory.public_epoch = epoch
+
     def _timeout(self, inode: Inode) -> float:
         """How long the kernel may keep what it caches about inode (see cache.py)."""
         if inode.key[0] == self.watched_dev:
@@ -388,9 +410,11 @@ class Operations(pyfuse3.Operations):
         parent = self.table.get(parent_inode)
         act = await self._act_named(ctx, "lookup", parent, name)
         epoch = parent.search_epoch
-        found = await self._run(act.creds, backing.lookup, parent.fd, name, local=parent)
+        found = await self._run(act.creds, backing.lookup, parent.fd, name,
+                                self._known_public(parent), local=parent)
         if found is None:
             return self._absent(parent, name, epoch)
+        self._saw_parent(parent, found.parent_public, epoch)
         owner = await self._owner_of(found.fd) if self._records_owners() else None
         view = self._read_view(act, parent, name, found.st, owner)
         entry = self._enter(parent, name, found, epoch, view)
@@ -405,12 +429,13 @@ class Operations(pyfuse3.Operations):
                 (self.gate is not None and
                  not self.gate.policy.lookup_uniform(self.table.path(parent, name))):
             raise FUSEError(errno.ENOENT)
-        public = self.identity.kernel_checks_permissions
+        public = self.identity.kernel_checks_permissions or bool(self._known_public(parent))
         if not public:
             try:
                 public = backing.public_dir(parent.fd)  # looked at after the lookup
             except OSError:
                 public = False
+            self._saw_parent(parent, public, epoch)
         timeout = self.names.entry_timeout(parent, name, public, epoch, self._timeout(parent))
         if not timeout:
             raise FUSEError(errno.ENOENT)
@@ -455,6 +480,7 @@ class Operations(pyfuse3.Operations):
             if node.is_dir:
                 st, public = backing.stat_dir(node.fd)
                 self.names.observed(node, public)
+                self._saw_parent(node, public, node.search_epoch)
             else:
                 st = backing.getattr_(node.fd)
         except OSError as exc:
@@ -762,10 +788,11 @@ class Operations(pyfuse3.Operations):
             # Only a new name (O_EXCL) runs inline: opening an existing file may
             # wait for a lease holder.
             fd, found = await self._run(maker, backing.create, parent.fd, name, flags, mode,
-                                        umask=self._umask(ctx),
+                                        self._known_public(parent), umask=self._umask(ctx),
                                         local=parent if flags & os.O_EXCL else None)
         except FUSEError as exc:
             raise await self._taken(ctx, parent, name, exc) from None
+        self._saw_parent(parent, found.parent_public, epoch)
         entry = await self._created(act, self._enter(parent, name, found, epoch))
         handle = Handle(fd, creds, node=entry.st_ino,
                         kill_privs=act.source.kills_privileges(ctx))
@@ -1048,9 +1075,37 @@ class Operations(pyfuse3.Operations):
         if name.startswith(_RESERVED_XATTR_PREFIX):
             raise FUSEError(errno.ENODATA)
         node = self.table.get(inode)
+        if name.startswith(_SECURITY_PREFIX) and self.gate is None and \
+                self.inline is not None and self.inline.covers(node.key[0]):
+            return self._security_xattr(node, name)
         # Reading extended attributes is seeing the file; "xattr" is changing them.
         return await self._run(self._act(ctx, "lookup", node).creds, acl.getxattr,
                                node.fd, name, self.idmap, local=node)
+
+    def _security_xattr(self, node: Inode, name: bytes) -> bytes:
+        """A security.* attribute of a file on a local filesystem, read on the
+        loop thread as whoever it is now, without asking who the caller is.
+
+        The VFS checks no permission to read security.* (xattr_permission) and
+        local filesystems check none either, so every caller gets the same
+        answer natively. The kernel asks for security.capability before every
+        write to a file (file_remove_privs, passthrough writes too): on the
+        watched device its absence is remembered until the watch reports a
+        change of the file's attributes or it is set through the mount."""
+        watched = node.key[0] == self.watched_dev
+        if name == _CAPS_XATTR and watched and node.caps_absent:
+            raise FUSEError(errno.ENODATA)
+        try:
+            return backing.getxattr(node.fd, name)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA and name == _CAPS_XATTR and watched:
+                node.caps_absent = True
+            raise FUSEError(exc.errno or errno.EIO) from None
+
+    def caps_may_have_changed(self, node: Inode) -> None:
+        """Forget that the file of node had no capabilities (every node of it)."""
+        for inode in self.table.inodes_of(*node.key[:2]):
+            inode.caps_absent = False
 
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
@@ -1059,7 +1114,11 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EPERM)  # read-only: recorded once, at mount / by credfs
         node = self.table.get(inode)
         creds = self._act(ctx, "xattr", node).creds
-        await self._run(creds, acl.setxattr, node.fd, name, value, self.idmap, local=node)
+        try:
+            await self._run(creds, acl.setxattr, node.fd, name, value, self.idmap, local=node)
+        finally:
+            if name == _CAPS_XATTR:
+                self.caps_may_have_changed(node)
         if name in _ACL_NAMES and node.is_dir:
             await self._stat_dir_after_change(node, creds)
 

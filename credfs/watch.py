@@ -57,10 +57,15 @@ log = logging.getLogger(__name__)
 BATCH_DELAY = 0.005  # seconds between two reads of the event queue
 _HANDLE_CACHE = 4096  # decoded handles remembered (handle -> backing inode)
 _READ_SIZE = 256 * 1024
+# linux/exportfs.h: a handle of a 32-bit inode number and its generation, as
+# fanotify reports it (the handle type, then the handle's bytes).
+_FILEID_INO32_GEN = 1
+_INO32_HANDLE = struct.Struct("=iII")
 
 _GROUP_FLAGS = (fa.FAN_CLASS_NOTIF | fa.FAN_CLOEXEC | fa.FAN_NONBLOCK | fa.FAN_REPORT_FID
                 | fa.FAN_REPORT_DIR_FID | fa.FAN_REPORT_NAME)
 _NAME_GONE = fa.FAN_DELETE | fa.FAN_MOVED_FROM | fa.FAN_MOVED_TO
+_NAME_CHANGES = _NAME_GONE | fa.FAN_CREATE
 _MASK = (fa.FAN_MODIFY | fa.FAN_ATTRIB | fa.FAN_CREATE | _NAME_GONE | fa.FAN_ONDIR)
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -112,14 +117,17 @@ class Target:
     def nodes_of(self, dev: int, ino: int) -> list[int]:
         return self.table.nodes_of(dev, ino)
 
-    def as_daemon(self) -> None:
-        self.ops.as_daemon()
-
     async def to_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await self.ops.to_thread(fn, *args)
 
     def watched_change(self, batch: Batch) -> Batch:
         names = self.ops.names
+        for node in self.table.all_nodes() if batch.everything else batch.attrs:
+            inode = self.table.known(node)
+            if inode is not None:
+                inode.caps_absent = False  # a capability may have been set
+                if batch.everything:
+                    inode.public_epoch = -1  # a mode or ACL may have changed
         for parent_node, name in batch.names:
             parent = self.table.known(parent_node)
             if parent is not None:
@@ -150,13 +158,13 @@ class Target:
 
 
 class BackingWatch:
-    def __init__(self, group: int, mount_fd: int, dev: int) -> None:
+    def __init__(self, group: int, mount_fd: int, dev: int, ino32: bool = False) -> None:
         self.group = group
         self.mount_fd = mount_fd
         self.dev = dev
+        self._ino32 = ino32  # handles carry the inode number (see _inode_in)
         self._own_pid = os.getpid()
         self._handles: OrderedDict[bytes, tuple[int, int] | None] = OrderedDict()
-        self.events_seen = 0
 
     @classmethod
     def start(cls, root_fd: int, dev: int) -> BackingWatch | str:
@@ -173,8 +181,12 @@ class BackingWatch:
             fa.mark(group, fa.FAN_MARK_ADD | fa.FAN_MARK_FILESYSTEM, _MASK,
                     f"/proc/self/fd/{root_fd}".encode())
             # Proves that handles can be turned back into inodes here.
-            if _inode_of(mount_fd, fa.handle_of(root_fd)) != (dev, os.fstat(root_fd).st_ino):
+            root = fa.handle_of(root_fd)
+            root_ino = os.fstat(root_fd).st_ino
+            if _inode_of(mount_fd, root) != (dev, root_ino):
                 raise OSError(errno.EOPNOTSUPP, "file handles do not round-trip")
+            ino32 = len(root) == _INO32_HANDLE.size and \
+                _INO32_HANDLE.unpack(root)[:2] == (_FILEID_INO32_GEN, root_ino)
         except OSError as exc:
             os.close(group)
             if mount_fd >= 0:
@@ -184,7 +196,7 @@ class BackingWatch:
                       errno.EXDEV: no_handles, errno.ENODEV: no_handles,
                       errno.EOPNOTSUPP: no_handles}
             return f"backing changes not watched: {reason.get(exc.errno or 0, exc.strerror)}"
-        return cls(group, mount_fd, dev)
+        return cls(group, mount_fd, dev, ino32)
 
     def close(self) -> None:
         if self.group >= 0:
@@ -194,13 +206,18 @@ class BackingWatch:
 
     async def run(self, target: Target, apply: Callable[[Batch], None]) -> None:
         """Read changes and make the kernel forget what they make stale, until
-        cancelled. apply runs in a thread: a notification may wait for a
-        directory lock that a request in flight holds until we reply."""
+        cancelled. Handles not seen before are decoded, and apply runs, in a
+        helper thread as the daemon: decoding needs CAP_DAC_READ_SEARCH, which
+        the loop thread may have lent away (inline.py), and a notification may
+        wait for a directory lock that a request in flight holds until we reply."""
         try:
             while True:
                 await trio.lowlevel.wait_readable(self.group)
                 await trio.sleep(BATCH_DELAY)  # let a burst gather
-                batch = self.read(target)
+                events = self.read()
+                new = self._unknown(events)
+                decoded = await target.to_thread(self._decode, new) if new else {}
+                batch = self._collect(events, target, decoded)
                 if batch:
                     log.debug("backing changed: %s", batch)
                     batch = target.watched_change(batch)
@@ -211,39 +228,67 @@ class BackingWatch:
             log.exception("watching the backing filesystem failed: timeouts are short again")
             await target.to_thread(apply, target.watch_lost())
 
-    def read(self, target: Target) -> Batch:
-        batch = Batch()
+    def read(self) -> list[fa.Event]:
+        """The events queued now, but those the daemon caused (made through
+        the mount: the kernel already knows)."""
+        events: list[fa.Event] = []
         while True:
             try:
                 buf = os.read(self.group, _READ_SIZE)
             except BlockingIOError:
-                return batch
+                return events
             if not buf:
-                return batch
-            self._collect(fa.parse(buf), target, batch)
+                return events
+            events.extend(fa.parse(buf, skip_pid=self._own_pid))
 
-    def _collect(self, events: Iterable[fa.Event], target: Target, batch: Batch) -> None:
+    def _unknown(self, events: list[fa.Event]) -> set[bytes]:
+        handles = self._handles
+        return {h for ev in events for h in (ev.parent, ev.obj)
+                if h is not None and h not in handles and self._inode_in(h) is None}
+
+    def _inode_in(self, handle: bytes) -> tuple[int, int] | None:
+        """The backing inode a handle names when the handle says it itself: the
+        generic 32-bit inode number and generation (FILEID_INO32_GEN, ext2/3/4
+        and others), checked on the root at start. A number reused since the
+        event names another file, which is then invalidated for nothing."""
+        if self._ino32 and len(handle) == _INO32_HANDLE.size:
+            kind, ino, _gen = _INO32_HANDLE.unpack(handle)
+            if kind == _FILEID_INO32_GEN:
+                return self.dev, ino
+        return None
+
+    def _decode(self, handles: set[bytes]) -> dict[bytes, tuple[int, int] | None]:
+        """The backing inodes of handles (in a helper thread, as the daemon)."""
+        return {h: _inode_of(self.mount_fd, h) for h in handles}
+
+    def _collect(self, events: Iterable[fa.Event], target: Target,
+                 decoded: dict[bytes, tuple[int, int] | None]) -> Batch:
+        for handle, inode in decoded.items():
+            self._handles[handle] = inode
+        while len(self._handles) > _HANDLE_CACHE:
+            self._handles.popitem(last=False)
+        batch = Batch()
         for ev in events:
-            self.events_seen += 1
             if ev.mask & fa.FAN_Q_OVERFLOW:
                 batch.everything = True
                 continue
-            if ev.pid == self._own_pid:
-                continue  # made through the mount: the kernel already knows
-            parents = self._nodes(target, ev.parent)
+            parents = self._nodes(target, ev.parent, decoded)
             if ev.name == b".":  # an event on the directory itself
                 self._changed(ev.mask, parents, batch, is_dir=True)
                 continue
-            if parents:
-                # Any change in a directory changes its times and maybe its
-                # link count; removed or replaced names must be forgotten.
+            if parents and ev.mask & _NAME_CHANGES:
+                # A name made or removed changes its directory's times, size,
+                # maybe link count and listing; a name gone or replaced must be
+                # forgotten, and a new one may replace a cached "no such name"
+                # (operations.py). Changes to the file behind a name (its
+                # contents or attributes) leave the directory as it was.
                 batch.data.update(parents)
-                # A new name may replace a cached "no such name" (operations.py).
-                if ev.mask & (_NAME_GONE | fa.FAN_CREATE) and ev.name is not None:
+                if ev.name is not None:
                     batch.names.update((p, ev.name) for p in parents)
             if ev.obj is not None:
-                self._changed(ev.mask, self._nodes(target, ev.obj), batch,
+                self._changed(ev.mask, self._nodes(target, ev.obj, decoded), batch,
                               is_dir=bool(ev.mask & fa.FAN_ONDIR))
+        return batch
 
     @staticmethod
     def _changed(mask: int, nodes: list[int], batch: Batch, is_dir: bool) -> None:
@@ -256,20 +301,15 @@ class BackingWatch:
             if is_dir:
                 batch.dirs_changed.update(nodes)
 
-    def _nodes(self, target: Target, handle: bytes | None) -> list[int]:
+    def _nodes(self, target: Target, handle: bytes | None,
+               decoded: dict[bytes, tuple[int, int] | None]) -> list[int]:
         if handle is None:
             return []
-        try:
-            inode = self._handles[handle]
-            self._handles.move_to_end(handle)
-        except KeyError:
-            # Decoding a handle needs CAP_DAC_READ_SEARCH: the daemon's own
-            # identity, which the loop thread may have lent (inline.py).
-            target.as_daemon()
-            inode = _inode_of(self.mount_fd, handle)
-            self._handles[handle] = inode
-            if len(self._handles) > _HANDLE_CACHE:
-                self._handles.popitem(last=False)
+        inode = self._inode_in(handle)
+        if inode is None:
+            inode = decoded[handle] if handle in decoded else self._handles.get(handle)
+            if handle in self._handles:
+                self._handles.move_to_end(handle)
         return target.nodes_of(*inode) if inode is not None else []
 
 

@@ -22,7 +22,7 @@ import pyfuse3
 import pytest
 from helpers.agents import UserAgent
 from helpers.mounts import CredfsMount
-from helpers.trees import Node, build_tree, diff_snapshots, snapshot
+from helpers.trees import FILE_CAPS, Node, build_tree, diff_snapshots, snapshot
 
 MountFactory = Callable[..., CredfsMount]
 
@@ -195,9 +195,6 @@ def test_close_without_flush_keeps_mapped_writes(who: str, mount_credfs: MountFa
 
 
 # VFS_CAP_REVISION_2 with the effective flag, CAP_NET_RAW permitted.
-FILE_CAPS = (0x02000001).to_bytes(4, "little") + (1 << 13).to_bytes(4, "little") + bytes(12)
-
-
 @pytest.mark.parametrize(("who", "op", "args"), [
     ("alice", "write", (b"x",)),            # passthrough: the registrar's write clears it
     ("root", "write", (b"x",)),             # root's write goes through the daemon

@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 from helpers.agents import Outcome, UserAgent
 from helpers.mounts import CredfsMount
+from helpers.trees import FILE_CAPS
 
 MountFactory = Callable[..., CredfsMount]
 
@@ -286,3 +287,93 @@ def test_missing_name_in_private_directory_is_not_shared(
     want = outcome(bob, "stat", native / "pub/d/missing")
     assert want != outcome(alice, "stat", native / "pub/d/missing"), "test tree wrong"
     assert until(lambda: outcome(bob, "stat", mnt / "pub/d/missing"), want) == want
+
+
+def test_capabilities_set_behind_the_back_show_at_once(
+        tree: Path, native: Path, mnt: Path, mount_credfs: MountFactory,
+        agents: dict[str, UserAgent]) -> None:
+    """The kernel asks for security.capability before every write, and credfs
+    remembers that a file has none. Capabilities set on it directly on the
+    backing store must show through the mount at once, and set through the
+    mount at once too; alice's next write clears them as natively."""
+    mount = mount_credfs()
+    watched(mount)
+    subprocess.run(["cp", "-a", os.fspath(tree / "pub"), os.fspath(native)], check=True,
+                   timeout=30)
+    alice = agents["alice"]
+    caps = "security.capability"
+    for root in (mnt, native):
+        f = root / "pub/d/f"
+        assert outcome(alice, "write", f, b"second\n") == ("ok", 7)
+        assert outcome(alice, "getxattr", f, caps)[0] == "err"
+    for root in (tree, native):
+        os.setxattr(root / "pub/d/f", caps, FILE_CAPS)
+    want = outcome(alice, "getxattr", native / "pub/d/f", caps)
+    assert want == ("ok", FILE_CAPS), want
+    got = until(lambda: outcome(alice, "getxattr", mnt / "pub/d/f", caps), want)
+    assert got == want, f"capabilities set behind the back: mount {got}"
+    for root in (mnt, native):
+        assert outcome(alice, "write", root / "pub/d/f", b"third\n") == ("ok", 6)
+    assert os.listxattr(tree / "pub/d/f") == os.listxattr(native / "pub/d/f")
+    assert caps not in os.listxattr(tree / "pub/d/f")
+    # Through the mount: no event comes back for the daemon's own change.
+    assert outcome(alice, "getxattr", mnt / "pub/d/f", caps)[0] == "err"
+    os.setxattr(mnt / "pub/d/f", caps, FILE_CAPS)
+    assert os.getxattr(mnt / "pub/d/f", caps) == FILE_CAPS
+
+
+def test_directory_made_private_caches_no_new_name(
+        tree: Path, native: Path, mnt: Path, mount_credfs: MountFactory,
+        agents: dict[str, UserAgent]) -> None:
+    """credfs remembers that a directory is searchable by everyone. Made
+    private behind the back, a name alice looks up in it afterwards must not
+    be cached: bob, who may no longer search it, must be refused as natively."""
+    watched(mount_credfs())
+    (tree / "pub/d/later").write_bytes(b"later\n")
+    subprocess.run(["cp", "-a", os.fspath(tree / "pub"), os.fspath(native)], check=True,
+                   timeout=30)
+    alice, bob = agents["alice"], agents["bob"]
+    assert outcome(bob, "stat", mnt / "pub/d/f")[0] == "ok"  # pub/d: seen public
+    # Held open: the daemon keeps the directory's node, and what it remembered
+    # of it, through the kernel dropping every cached name below.
+    pin = os.open(mnt / "pub/d", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for root in (tree, native):
+            (root / "pub/d").chmod(0o700)
+        want = outcome(bob, "stat", native / "pub/d/f")
+        assert want[0] == "err"
+        # The watch has read the change once bob's cached name refuses him.
+        assert until(lambda: outcome(bob, "stat", mnt / "pub/d/f"), want) == want
+        for root in (mnt, native):
+            assert outcome(alice, "stat", root / "pub/d/later")[0] == "ok"
+        want = outcome(bob, "stat", native / "pub/d/later")
+        assert want[0] == "err"
+        assert outcome(bob, "stat", mnt / "pub/d/later") == want
+    finally:
+        os.close(pin)
+
+
+def test_handles_without_inode_numbers_are_decoded(
+        workdir: Path, mnt: Path, mount_credfs: MountFactory) -> None:
+    """ext4's file handles carry the inode number, which watch.py reads
+    itself; tmpfs's do not, and are turned back into inodes by the kernel
+    (open_by_handle_at, in a helper thread as the daemon). A chmod behind the
+    back of a tmpfs backing shows at once all the same."""
+    fs = workdir / "fs"
+    fs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=755", "credfs-test",
+                    os.fspath(fs)], check=True, timeout=30)
+    try:
+        (fs / "f").write_bytes(b"x")
+        (fs / "f").chmod(0o644)
+        mount = mount_credfs(source=fs)
+        try:
+            watched(mount)
+            via = mnt / "f"
+            assert short(via) == short(fs / "f")
+            (fs / "f").chmod(0o600)
+            assert until(lambda: short(via), short(fs / "f")) == short(fs / "f")
+        finally:
+            mount.stop()
+    finally:
+        subprocess.run(["umount", "-l", os.fspath(fs)], check=False, timeout=30)

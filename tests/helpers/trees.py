@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# A security.capability value (v2, CAP_NET_BIND_SERVICE permitted, effective).
+FILE_CAPS = (0x02000001).to_bytes(4, "little") + (1 << 13).to_bytes(4, "little") + bytes(12)
+
 
 @dataclass(frozen=True)
 class Node:
