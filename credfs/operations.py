@@ -41,7 +41,7 @@ from .idmap import IdMapping
 from .inline import InlineRunner
 from .inodes import Inode, InodeTable
 from .notify import KernelNotifier
-from .passthrough import Choice, Io, Passthrough, kills_setid, write_effects_match
+from .passthrough import Choice, Io, Passthrough, kills_setid, registration_for
 from .policy import Decision, ObjectFacts
 from .pressure import DescriptorPressure
 from .workers import WorkerPool
@@ -748,14 +748,12 @@ class Operations(pyfuse3.Operations):
         """Passthrough, page cache or direct I/O for a new open file of node."""
         if self.passthrough is None:
             return _CACHED
-        may_share = not writable
-        if writable:
-            st = os.fstat(handle.fd)
-            may_share = write_effects_match(
-                handle.creds, kills_setid(handle.creds, handle.kill_privs),
-                self.passthrough.registrar, st.st_mode, st.st_gid)
+        opener: Credentials | None = registration_for(
+            handle.creds, kills_setid(handle.creds, handle.kill_privs))
+        if writable and handle.kill_privs and not _stands_in_for_caller(handle):
+            opener = None  # writes through the daemon, which clears bits as decided
         choice = await self.passthrough.choose(node.node, node.fd, node.key[0], node.mode,
-                                               bool(node.view), may_share)
+                                               bool(node.view), opener, writable)
         handle.io = choice.io
         return choice
 
@@ -1143,6 +1141,14 @@ class Operations(pyfuse3.Operations):
         if name in _ACL_NAMES and node.is_dir:
             await self._stat_dir_after_change(node, creds)
 
+
+
+def _stands_in_for_caller(handle: Handle) -> bool:
+    """May writes run as handle.creds where the daemon decides setuid/setgid
+    clearing for another (mounter mode: by the caller's CAP_FSETID, as
+    overlayfs)? Only for a file without such bits at open: a write through the
+    daemon clears them as decided (see the README for a bit set while open)."""
+    return not os.fstat(handle.fd).st_mode & (stat.S_ISUID | stat.S_ISGID)
 
 
 def _open_ops(flags: int) -> list[str]:

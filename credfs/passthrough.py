@@ -13,15 +13,14 @@ identity:
   resuid) and CAP_SYS_RESOURCE use the reserved blocks.
 - The kernel records the credentials of the thread that registers a backing
   file (FUSE_DEV_IOC_BACKING_OPEN) and uses them for every passthrough read and
-  write of it, like overlayfs's override_creds. credfs registers every file as
-  one *registrar*: in caller and policy modes a neutral identity (uid and gid
-  65534, no groups, only CAP_SYS_ADMIN, which the ioctl requires); in mounter
-  mode the mounter, with only CAP_SYS_ADMIN. A writable open uses passthrough
-  only when its writes would have the registrar's side effects (see
-  write_effects_match: never for a file with setuid/setgid bits at open);
-  any other writer's writes go through the daemon. A setid bit set on a file
-  while it is open for passthrough writes is cleared by the next write as
-  for a writer outside the file's group without CAP_FSETID.
+  write of it, like overlayfs's override_creds. credfs registers a node's file
+  as its first passthrough opener: the credentials the open was done with,
+  plus CAP_SYS_ADMIN (the ioctl requires it; no write depends on it), minus
+  CAP_FSETID when the daemon clears setid bits for that opener (in mounter
+  mode, for a caller without CAP_FSETID). Its writes then have exactly the opener's
+  side effects. Readers share any registration (reading has none). A writer
+  with other credentials shares it only while it is open (below, direct
+  I/O); once no open file uses it, the next writer registers anew.
 - The kernel lets the open files of one inode use one backing file or the page
   cache, never both at once (iomode.c: every open of an inode open for
   passthrough must be a passthrough open, and none while the page cache is in
@@ -33,8 +32,10 @@ identity:
 - Nodes of filtered views (redaction) never use passthrough: every read of
   them must go through the filter.
 
-The registration is one per node, made at its first passthrough open from the
-node's O_PATH descriptor and dropped when the kernel forgets the node.
+The registration is one per node at a time, made from the node's O_PATH
+descriptor at its first passthrough open, replaced when a writer with other
+credentials opens it while no open file uses it, and dropped when the kernel
+forgets the node.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import dataclasses
 import enum
 import errno
 import fcntl
+import functools
 import logging
 import stat
 import struct
@@ -61,8 +63,6 @@ log = logging.getLogger(__name__)
 # linux/fuse.h: _IOW(229, 1, struct fuse_backing_map) and _IOW(229, 2, uint32_t).
 FUSE_DEV_IOC_BACKING_OPEN = 0x4010E501
 FUSE_DEV_IOC_BACKING_CLOSE = 0x4004E502
-CAP_SYS_RESOURCE = 24
-NEUTRAL_ID = 65534
 UNREGISTER_BATCH = 64  # forgotten backing ids closed at once (see Passthrough.forgotten)
 
 
@@ -83,35 +83,17 @@ def unregister(dev_fd: int, backing_id: int) -> None:
                 True)
 
 
-def registrar_for(mounter: Credentials | None) -> Credentials:
-    """The credentials passthrough reads and writes run with."""
-    if mounter is not None:
-        return dataclasses.replace(mounter, caps=cap_bit(CAP_SYS_ADMIN))
-    return Credentials(NEUTRAL_ID, NEUTRAL_ID, (), cap_bit(CAP_SYS_ADMIN))
-
-
-def write_effects_match(writer: Credentials, kills_setid: bool, registrar: Credentials,
-                        file_mode: int, file_gid: int) -> bool:
-    """Would the writer's writes to a file of file_mode and group file_gid
-    have exactly the registrar's side effects?
-
-    kills_setid: the writer's writes clear setuid/setgid bits (the daemon
-    clears them itself or the writer lacks CAP_FSETID). The registrar never
-    holds CAP_FSETID or CAP_SYS_RESOURCE, so its writes always clear them and
-    use the reserved blocks only by being fsuid 0. Whether a write clears a
-    setgid bit without group execute also depends on the writer's groups: a
-    file with setuid or setgid bits is never shared, nor one in a group of the
-    registrar's that the writer is not in (a setgid bit set while it is open
-    would be kept by the registrar's writes where the writer's clear it).
-    """
-    return not file_mode & (stat.S_ISUID | stat.S_ISGID) and kills_setid \
-        and not writer.caps & cap_bit(CAP_SYS_RESOURCE) \
-        and (writer.uid == 0) == (registrar.uid == 0) \
-        and (_in_group(writer, file_gid) or not _in_group(registrar, file_gid))
-
-
-def _in_group(creds: Credentials, gid: int) -> bool:
-    return gid == creds.gid or gid in creds.groups
+@functools.lru_cache(maxsize=4096)
+def registration_for(opener: Credentials, kills_setid: bool) -> Credentials:
+    """The credentials a backing file registered for opener's open file is
+    registered with: the opener's, with CAP_SYS_ADMIN (the ioctl needs it; no
+    read or write depends on it), and without CAP_FSETID when opener's writes
+    must clear setuid/setgid bits (kills_setid) although it holds it. (One
+    object per identity: a thread holding it already recognises it.)"""
+    caps = opener.caps | cap_bit(CAP_SYS_ADMIN)
+    if kills_setid:
+        caps &= ~cap_bit(CAP_FSETID)
+    return dataclasses.replace(opener, caps=caps)
 
 
 def kills_setid(creds: Credentials, daemon_kills: bool) -> bool:
@@ -122,13 +104,14 @@ class Io(enum.Enum):
     CACHED = "cached"  # the kernel's page cache, filled through the daemon
     PASSTHROUGH = "passthrough"
     # Reads and writes through the daemon, mmap through the backing file: for a
-    # writer that may not share the registrar's identity while others do.
+    # writer that may not share the registration while others use it.
     DIRECT = "passthrough+direct_io"
 
 
 @dataclass(slots=True)
 class _NodeIo:
     backing_id: int = 0  # registered for this node (0: not yet)
+    creds: Credentials | None = None  # what it was registered with
     passthrough: int = 0  # open files using it
     cached: int = 0  # open files using the page cache
     registering: trio.Event | None = None
@@ -153,9 +136,7 @@ _CACHED = Choice(Io.CACHED)
 class Passthrough:
     """Which open files of which nodes use passthrough, and their registrations."""
 
-    def __init__(self, registrar: Credentials, pool: WorkerPool,
-                 inline: InlineRunner | None = None) -> None:
-        self.registrar = registrar
+    def __init__(self, pool: WorkerPool, inline: InlineRunner | None = None) -> None:
         self._pool = pool
         self._inline = inline
         self.dev_fd: int | None = None
@@ -164,10 +145,12 @@ class Passthrough:
         self._unregistered: list[int] = []  # backing ids of forgotten nodes, to close
 
     async def choose(self, node: int, node_fd: int, node_dev: int, mode: int, filtered: bool,
-                     may_share: bool) -> Choice:
+                     opener: Credentials | None, writable: bool) -> Choice:
         """How a new open file of node does its I/O (counted until released).
 
-        may_share: reads only, or writes with the registrar's side effects.
+        opener: registration_for the open's credentials, what its writes would
+        run as (None: its writes may not run as any registration); writable:
+        whether it may write.
         """
         st = self._nodes.get(node)
         if st is None:
@@ -176,20 +159,28 @@ class Passthrough:
             st = self._nodes[node] = _NodeIo()
         while st.registering is not None:  # one registration per node
             await st.registering.wait()
+        # Reading has no side effects: any registration serves a reader.
+        mine = not writable or (opener is not None and st.creds == opener)
         if st.passthrough:
             st.passthrough += 1
-            return Choice(Io.PASSTHROUGH if may_share else Io.DIRECT, st.backing_id)
-        if st.cached or not may_share or not self.enabled:
+            return Choice(Io.PASSTHROUGH if mine else Io.DIRECT, st.backing_id)
+        if st.cached or not self.enabled or opener is None:
             return self._cached(st)
+        if st.backing_id and not mine:
+            # Nothing uses it (the kernel let go of it before sending the last
+            # release): another writer's file is registered anew.
+            self._unregistered.append(st.backing_id)
+            st.backing_id, st.creds = 0, None
         if not st.backing_id:
             st.registering = trio.Event()
             try:
-                st.backing_id = await self._register(node_fd, node_dev)
+                st.backing_id = await self._register(node_fd, node_dev, opener)
             finally:
                 st.registering.set()
                 st.registering = None
             if not st.backing_id:
                 return self._cached(st)
+            st.creds = opener
         st.passthrough += 1
         return Choice(Io.PASSTHROUGH, st.backing_id)
 
@@ -197,17 +188,18 @@ class Passthrough:
         st.cached += 1
         return _CACHED
 
-    async def _register(self, node_fd: int, node_dev: int) -> int:
+    async def _register(self, node_fd: int, node_dev: int, creds: Credentials) -> int:
         assert self.dev_fd is not None
         try:
             # The ioctl does not wait: on the event loop when metadata is done
-            # there, switched to the registrar like any inline operation.
+            # there, as creds like any inline operation (the loop thread is
+            # most likely lent to the opener already: only capabilities change).
             if self._inline is not None and self._inline.covers(node_dev):
                 try:
-                    return self._inline.run(self.registrar, 0, register, self.dev_fd, node_fd)
+                    return self._inline.run(creds, 0, register, self.dev_fd, node_fd)
                 except backing.Elsewhere:
                     pass
-            return await self._pool.run(self.registrar, 0, register, self.dev_fd, node_fd)
+            return await self._pool.run(creds, 0, register, self.dev_fd, node_fd)
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
                 return 0  # a shortage: this open uses the page cache

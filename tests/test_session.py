@@ -13,6 +13,7 @@ traceback, and leave no mount. (Idle mounts: tests/test_cli.py.)
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -123,4 +124,35 @@ def test_lazy_unmount_while_busy_ends_daemon(mount_credfs: Callable[..., CredfsM
     r = subprocess.run(["umount", "-l", str(mnt)], capture_output=True, text=True, timeout=15,
                        stdin=subprocess.DEVNULL, check=False)
     assert r.returncode == 0, r.stderr
+    _ends_cleanly(m, mnt, clients)
+
+
+@pytest.fixture
+def fusectl() -> Iterator[Path]:
+    """/sys/fs/fuse/connections, mounted for the test if it was not."""
+    p = Path("/sys/fs/fuse/connections")
+    here = not is_mounted(p)
+    if here:
+        r = subprocess.run(["mount", "-t", "fusectl", "fusectl", os.fspath(p)],
+                           capture_output=True, text=True, timeout=15, check=False)
+        if r.returncode != 0:
+            pytest.skip(f"no fusectl: {r.stderr.strip()}")
+    try:
+        yield p
+    finally:
+        if here:
+            subprocess.run(["umount", os.fspath(p)], capture_output=True, timeout=15,
+                           check=False)
+
+
+def test_aborted_connection_ends_daemon(mount_credfs: Callable[..., CredfsMount], mnt: Path,
+                                        busy: Callable[[], list[subprocess.Popen[str]]],
+                                        fusectl: Path) -> None:
+    """An administrator's last resort for a hung mount, the connection's abort
+    file, while clients are busy: requests in flight can no longer be answered
+    and the next read of /dev/fuse fails. The daemon still unmounts and exits,
+    without a traceback."""
+    m = mount_credfs()
+    clients = busy()
+    (fusectl / str(os.minor(os.stat(mnt).st_dev)) / "abort").write_text("1")
     _ends_cleanly(m, mnt, clients)
