@@ -114,8 +114,10 @@ class Target:
         self.ops = ops
         self.table = ops.table
 
-    def nodes_of(self, dev: int, ino: int) -> list[int]:
-        return self.table.nodes_of(dev, ino)
+    def nodes_of(self, dev: int, ino: int, is_dir: bool) -> list[int]:
+        """The nodes of (dev, ino) if it is a directory as the event says: a
+        number decoded from an old event may belong to a new file by now."""
+        return [i.node for i in self.table.inodes_of(dev, ino) if i.is_dir == is_dir]
 
     async def to_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await self.ops.to_thread(fn, *args)
@@ -249,8 +251,10 @@ class BackingWatch:
     def _inode_in(self, handle: bytes) -> tuple[int, int] | None:
         """The backing inode a handle names when the handle says it itself: the
         generic 32-bit inode number and generation (FILEID_INO32_GEN, ext2/3/4
-        and others), checked on the root at start. A number reused since the
-        event names another file, which is then invalidated for nothing."""
+        and others), checked on the root at start. The generation is not
+        checked: a number freed and reused since the event (a file known to the
+        daemon keeps its number: it holds a descriptor) names another file of
+        the same type, which is then invalidated for nothing."""
         if self._ino32 and len(handle) == _INO32_HANDLE.size:
             kind, ino, _gen = _INO32_HANDLE.unpack(handle)
             if kind == _FILEID_INO32_GEN:
@@ -272,7 +276,7 @@ class BackingWatch:
             if ev.mask & fa.FAN_Q_OVERFLOW:
                 batch.everything = True
                 continue
-            parents = self._nodes(target, ev.parent, decoded)
+            parents = self._nodes(target, ev.parent, decoded, is_dir=True)
             if ev.name == b".":  # an event on the directory itself
                 self._changed(ev.mask, parents, batch, is_dir=True)
                 continue
@@ -286,8 +290,9 @@ class BackingWatch:
                 if ev.name is not None:
                     batch.names.update((p, ev.name) for p in parents)
             if ev.obj is not None:
-                self._changed(ev.mask, self._nodes(target, ev.obj, decoded), batch,
-                              is_dir=bool(ev.mask & fa.FAN_ONDIR))
+                is_dir = bool(ev.mask & fa.FAN_ONDIR)
+                self._changed(ev.mask, self._nodes(target, ev.obj, decoded, is_dir), batch,
+                              is_dir)
         return batch
 
     @staticmethod
@@ -302,7 +307,8 @@ class BackingWatch:
                 batch.dirs_changed.update(nodes)
 
     def _nodes(self, target: Target, handle: bytes | None,
-               decoded: dict[bytes, tuple[int, int] | None]) -> list[int]:
+               decoded: dict[bytes, tuple[int, int] | None], is_dir: bool) -> list[int]:
+        """The nodes of the directory (is_dir) or other file a handle names."""
         if handle is None:
             return []
         inode = self._inode_in(handle)
@@ -310,7 +316,7 @@ class BackingWatch:
             inode = decoded[handle] if handle in decoded else self._handles.get(handle)
             if handle in self._handles:
                 self._handles.move_to_end(handle)
-        return target.nodes_of(*inode) if inode is not None else []
+        return target.nodes_of(*inode, is_dir) if inode is not None else []
 
 
 def apply(batch: Batch) -> None:
