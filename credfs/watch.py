@@ -267,10 +267,7 @@ class BackingWatch:
 
     def _collect(self, events: Iterable[fa.Event], target: Target,
                  decoded: dict[bytes, tuple[int, int] | None]) -> Batch:
-        for handle, inode in decoded.items():
-            self._handles[handle] = inode
-        while len(self._handles) > _HANDLE_CACHE:
-            self._handles.popitem(last=False)
+        self._handles.update(decoded)
         batch = Batch()
         for ev in events:
             if ev.mask & fa.FAN_Q_OVERFLOW:
@@ -293,6 +290,10 @@ class BackingWatch:
                 is_dir = bool(ev.mask & fa.FAN_ONDIR)
                 self._changed(ev.mask, self._nodes(target, ev.obj, decoded, is_dir), batch,
                               is_dir)
+        # Room is made only now: a handle _unknown found in the cache must
+        # still be there when its events are matched, or they would be lost.
+        while len(self._handles) > _HANDLE_CACHE:
+            self._handles.popitem(last=False)
         return batch
 
     @staticmethod

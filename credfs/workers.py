@@ -70,13 +70,15 @@ class WorkerPool:
             lambda _: trio.lowlevel.Abort.FAILED)
 
     def _work(self) -> None:
-        prctl.set_name("credfs-worker")  # the thread's name in /proc (ps -L, top -H)
         try:
             identity = ThreadIdentity()
         except BaseException as exc:
             self._start_errors.append(exc)
             self._started.wait(timeout=30)
             return
+        # The thread's name in /proc (ps -L, top -H), once it holds no
+        # capability: until then it still has what it inherited.
+        prctl.set_name("credfs-worker")
         self._started.wait(timeout=30)
         while True:
             job = self._jobs.get()

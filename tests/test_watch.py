@@ -20,7 +20,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ import pytest
 from helpers.agents import Outcome, UserAgent
 from helpers.mounts import CredfsMount
 from helpers.trees import FILE_CAPS
+
+from credfs import watch
 
 MountFactory = Callable[..., CredfsMount]
 
@@ -353,27 +355,79 @@ def test_directory_made_private_caches_no_new_name(
         os.close(pin)
 
 
+@pytest.fixture
+def tmpfs(workdir: Path) -> Iterator[Path]:
+    """A private tmpfs: its file handles carry no inode number, so the watch
+    decodes them (open_by_handle_at) and keeps them in its handle cache; and
+    nothing else on the machine makes events on it."""
+    fs = workdir / "fs"
+    fs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,nr_inodes=32k,mode=755",
+                    "credfs-test", os.fspath(fs)], check=True, timeout=30)
+    try:
+        yield fs
+    finally:
+        subprocess.run(["umount", "-l", os.fspath(fs)], check=False, timeout=30)
+
+
 def test_handles_without_inode_numbers_are_decoded(
-        workdir: Path, mnt: Path, mount_credfs: MountFactory) -> None:
+        tmpfs: Path, mnt: Path, mount_credfs: MountFactory) -> None:
     """ext4's file handles carry the inode number, which watch.py reads
     itself; tmpfs's do not, and are turned back into inodes by the kernel
     (open_by_handle_at, in a helper thread as the daemon). A chmod behind the
     back of a tmpfs backing shows at once all the same."""
-    fs = workdir / "fs"
-    fs.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=755", "credfs-test",
-                    os.fspath(fs)], check=True, timeout=30)
-    try:
-        (fs / "f").write_bytes(b"x")
-        (fs / "f").chmod(0o644)
-        mount = mount_credfs(source=fs)
-        try:
-            watched(mount)
-            via = mnt / "f"
-            assert short(via) == short(fs / "f")
-            (fs / "f").chmod(0o600)
-            assert until(lambda: short(via), short(fs / "f")) == short(fs / "f")
-        finally:
-            mount.stop()
-    finally:
-        subprocess.run(["umount", "-l", os.fspath(fs)], check=False, timeout=30)
+    (tmpfs / "f").write_bytes(b"x")
+    (tmpfs / "f").chmod(0o644)
+    watched(mount_credfs(source=tmpfs))
+    via = mnt / "f"
+    assert short(via) == short(tmpfs / "f")
+    (tmpfs / "f").chmod(0o600)
+    assert until(lambda: short(via), short(tmpfs / "f")) == short(tmpfs / "f")
+
+
+def test_directory_made_private_while_the_handle_cache_turns_over(
+        tmpfs: Path, native: Path, mnt: Path, mount_credfs: MountFactory,
+        agents: dict[str, UserAgent]) -> None:
+    """bob reached pub/d/f, so the kernel holds its names; alice's pub/d is
+    then made unsearchable directly on the backing store (chmod 0700), in the
+    same batch of events as a change to a file the watch has not seen before,
+    while its handle cache is full and pub/d's handle is the oldest in it.
+    bob must be refused as natively within the watch's few milliseconds: the
+    chmod's event must not be lost because the cache made room for the new
+    handle before the batch's events were matched to nodes."""
+    fill = watch._HANDLE_CACHE - 2  # with pub/d and m/: the cache exactly full
+    for root in (tmpfs, native):
+        d = root / "pub" / "d"
+        d.mkdir(parents=True, mode=0o755)
+        (d / "f").write_bytes(b"alice's\n")
+        os.chown(d, 2001, 2001)
+        os.chown(d / "f", 2001, 2001)
+    m = tmpfs / "m"
+    m.mkdir()
+    names = [f"x{i}" for i in range(fill)] + ["new"]
+    for name in names:
+        (m / name).write_bytes(b"")
+    mount = mount_credfs(source=tmpfs)
+    line = mount.start_line()
+    assert "backing changes watched with fanotify" in line, line
+    bob = agents["bob"]
+    assert bob.do("read", os.fspath(mnt / "pub/d/f")) == ("ok", b"alice's\n")
+    last = mnt / "m" / names[fill - 1]
+    assert os.stat(last).st_mode & 0o777 == 0o644  # its attributes are cached now
+
+    # pub/d's handle enters the watch's cache first (a change that changes nothing)...
+    (tmpfs / "pub/d").chmod(0o755)
+    time.sleep(0.2)
+    # ...then m/ and `fill` files' handles after it: the cache is full.
+    for name in names[:fill]:
+        (m / name).chmod(0o600)
+    assert until(lambda: os.stat(last).st_mode & 0o777, 0o600) == 0o600, "fill not seen"
+
+    # One batch: a handle never seen (room is made for it) and pub/d's chmod.
+    (m / "new").chmod(0o600)
+    for root in (tmpfs, native):
+        (root / "pub/d").chmod(0o700)
+    want = bob.do("read", os.fspath(native / "pub/d/f"))
+    assert want[0] == "err", f"test wrong: native gave {want}"
+    got = until(lambda: bob.do("read", os.fspath(mnt / "pub/d/f")), want)
+    assert got == want, f"bob read through the mount after pub/d was made private: {got}"
