@@ -38,7 +38,7 @@ from .creds import (
 from .gate import Act, NeedsObject, PolicyGate, refuse_unknown_caller
 from .identity import IdentitySource
 from .idmap import IdMapping
-from .inline import InlineRunner
+from .inline import InlineRunner, local_type
 from .inodes import Inode, InodeTable
 from .notify import KernelNotifier
 from .passthrough import Choice, Io, Passthrough, kills_setid, registration_for
@@ -114,7 +114,9 @@ class Handle:
 
 _CACHED = Choice(Io.CACHED)
 _CAPS_XATTR = b"security.capability"
-_SECURITY_PREFIX = b"security."
+# Filesystems whose xattr handlers check nothing of the reader (see
+# Operations._caps_read_by_anyone).
+_PLAIN_XATTR_TYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs"})
 # Removes file capabilities for the kernel's kill (see _kill_caps_for_writer).
 _CAPS_KILLER = Credentials(0, 0, (), cap_bit(CAP_SETFCAP))
 
@@ -159,6 +161,7 @@ class Operations(pyfuse3.Operations):
         self.enable_acl = identity.kernel_checks_permissions
         self.gate = gate
         self._handles: dict[int, Handle] = {}
+        self._caps_plain: dict[int, bool] = {}  # per backing device: see _caps_read_by_anyone
         self._next_fh = 1
 
     # -- plumbing -------------------------------------------------------------
@@ -1073,30 +1076,40 @@ class Operations(pyfuse3.Operations):
         if name.startswith(_RESERVED_XATTR_PREFIX):
             raise FUSEError(errno.ENODATA)
         node = self.table.get(inode)
-        if name.startswith(_SECURITY_PREFIX) and self.gate is None and \
-                self.inline is not None and self.inline.covers(node.key[0]):
-            return self._security_xattr(node, name)
+        if name == _CAPS_XATTR and self.gate is None and self._caps_read_by_anyone(node):
+            return self._file_caps(node)
         # Reading extended attributes is seeing the file; "xattr" is changing them.
         return await self._run(self._act(ctx, "lookup", node).creds, acl.getxattr,
                                node.fd, name, self.idmap, local=node)
 
-    def _security_xattr(self, node: Inode, name: bytes) -> bytes:
-        """A security.* attribute of a file on a local filesystem, read on the
-        loop thread as whoever it is now, without asking who the caller is.
+    def _caps_read_by_anyone(self, node: Inode) -> bool:
+        """Is node's security.capability what anyone reading it would get,
+        read on the loop thread? On these filesystems, yes: the VFS checks no
+        permission to read security.* (xattr_permission) and their xattr
+        handlers check nothing of the reader (some do: ZFS's directory-based
+        xattrs; and other security.* names may be shown per reader by an LSM,
+        SELinux's contexts by CAP_MAC_ADMIN)."""
+        dev = node.key[0]
+        plain = self._caps_plain.get(dev)
+        if plain is None:
+            plain = self._caps_plain[dev] = self.inline is not None \
+                and self.inline.covers(dev) and local_type(dev) in _PLAIN_XATTR_TYPES
+        return plain
 
-        The VFS checks no permission to read security.* (xattr_permission) and
-        local filesystems check none either, so every caller gets the same
-        answer natively. The kernel asks for security.capability before every
-        write to a file (file_remove_privs, passthrough writes too): on the
-        watched device its absence is remembered until the watch reports a
-        change of the file's attributes or it is set through the mount."""
+    def _file_caps(self, node: Inode) -> bytes:
+        """security.capability, read as whoever the loop thread is now, without
+        asking who the caller is (see _caps_read_by_anyone). The kernel asks for
+        it before every write to a file (file_remove_privs, passthrough writes
+        too): on the watched device its absence is remembered until the watch
+        reports a change of the file's attributes or it is set through the
+        mount."""
         watched = node.key[0] == self.watched_dev
-        if name == _CAPS_XATTR and watched and node.caps_absent:
+        if watched and node.caps_absent:
             raise FUSEError(errno.ENODATA)
         try:
-            return backing.getxattr(node.fd, name)
+            return backing.getxattr(node.fd, _CAPS_XATTR)
         except OSError as exc:
-            if exc.errno == errno.ENODATA and name == _CAPS_XATTR and watched:
+            if exc.errno == errno.ENODATA and watched:
                 node.caps_absent = True
             raise FUSEError(exc.errno or errno.EIO) from None
 
