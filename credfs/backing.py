@@ -117,26 +117,25 @@ def public_dir(fd: int, st: os.stat_result | None = None) -> bool:
     return False
 
 
-def open_path(dir_fd: int, name: bytes, parent_public: bool | None = None) -> Found:
+def open_path(dir_fd: int, name: bytes, known_public: bool = False) -> Found:
     """Resolve one name as the worker's identity (needs search on the parent).
 
-    parent_public: whether the parent is searchable by everyone, when the
-    caller knows (see Operations._known_public); None: looked at here, after
-    the name was resolved."""
+    known_public: the caller knows the parent is searchable by everyone (see
+    Operations._known_public); otherwise that is looked at here, after the
+    name was resolved."""
     fd = open_name(dir_fd, name)
     try:
-        return Found(fd, os.fstat(fd),
-                     public_dir(dir_fd) if parent_public is None else parent_public)
+        return Found(fd, os.fstat(fd), known_public or public_dir(dir_fd))
     except BaseException:
         os.close(fd)
         raise
 
 
-def lookup(dir_fd: int, name: bytes, parent_public: bool | None = None) -> Found | None:
+def lookup(dir_fd: int, name: bytes, known_public: bool = False) -> Found | None:
     """open_path, or None when there is no such name (a lookup's common answer,
     not an error: no exception to build and unwind)."""
     try:
-        return open_path(dir_fd, name, parent_public)
+        return open_path(dir_fd, name, known_public)
     except FileNotFoundError:
         return None
 
@@ -191,15 +190,15 @@ def open_nowait(fd: int, flags: int) -> int:
 
 
 def create(dir_fd: int, name: bytes, flags: int, mode: int,
-           parent_public: bool | None = None) -> tuple[int, Found]:
+           known_public: bool = False) -> tuple[int, Found]:
     """Create (or open, without O_EXCL) in one syscall, as the caller
-    (parent_public: as for open_path)."""
+    (known_public: as for open_path)."""
     check_name(name)
     fh = os.open(name, (flags & ~(os.O_NOCTTY | FMODE_EXEC)) | os.O_CREAT | os.O_NOFOLLOW
                  | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
         found = reopen_path(fh)
-        found.parent_public = public_dir(dir_fd) if parent_public is None else parent_public
+        found.parent_public = known_public or public_dir(dir_fd)
         return fh, found
     except BaseException:
         os.close(fh)

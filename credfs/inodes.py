@@ -56,7 +56,7 @@ class Inode:
     cached_version: tuple[int, ...] | None = None
     # The backing file was seen without security.capability, on the watched
     # device, and no change to its attributes has been seen since (see
-    # Operations.getxattr: the kernel asks before every write).
+    # Operations._file_caps: the kernel asks before every write).
     caps_absent: bool = False
 
     @property

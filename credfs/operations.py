@@ -332,18 +332,16 @@ class Operations(pyfuse3.Operations):
         timeout = self.names.entry_timeout(parent, name, public, epoch, self._timeout(parent))
         return self._attrs(inode, found.st, timeout)
 
-    def _known_public(self, directory: Inode) -> bool | None:
-        """True when directory is known to be searchable by everyone without
-        looking (None: look). Only on the watched device: seen so at its
-        current search_epoch, which every change through the mount that may
-        reduce who can search it bumps, and so does the watch for every change
-        of its mode, owner or ACL behind the mount's back (within the watch's
-        few milliseconds, as for what the kernel caches); a lost event forgets
-        them all (watch.Target.watched_change)."""
-        if directory.public_epoch == directory.search_epoch and \
-                directory.key[0] == self.watched_dev:
-            return True
-        return None
+    def _known_public(self, directory: Inode) -> bool:
+        """Is directory known to be searchable by everyone without looking?
+        Only on the watched device, when seen so at its current search_epoch:
+        every change through the mount that may reduce who can search it bumps
+        that, and so does the watch for every change of its mode, owner or ACL
+        behind the mount's back (within the watch's few milliseconds, as for
+        what the kernel caches); a lost event forgets them all
+        (watch.Target.watched_change)."""
+        return directory.public_epoch == directory.search_epoch and \
+            directory.key[0] == self.watched_dev
 
     def _saw_parent(self, directory: Inode, public: bool, epoch: int) -> None:
         """A fresh look at whether directory is searchable by everyone, made
@@ -432,7 +430,7 @@ class Operations(pyfuse3.Operations):
                 (self.gate is not None and
                  not self.gate.policy.lookup_uniform(self.table.path(parent, name))):
             raise FUSEError(errno.ENOENT)
-        public = self.identity.kernel_checks_permissions or bool(self._known_public(parent))
+        public = self.identity.kernel_checks_permissions or self._known_public(parent)
         if not public:
             try:
                 public = backing.public_dir(parent.fd)  # looked at after the lookup
@@ -1113,7 +1111,7 @@ class Operations(pyfuse3.Operations):
                 node.caps_absent = True
             raise FUSEError(exc.errno or errno.EIO) from None
 
-    def caps_may_have_changed(self, node: Inode) -> None:
+    def _caps_may_have_changed(self, node: Inode) -> None:
         """Forget that the file of node had no capabilities (every node of it)."""
         for inode in self.table.inodes_of(*node.key[:2]):
             inode.caps_absent = False
@@ -1129,7 +1127,7 @@ class Operations(pyfuse3.Operations):
             await self._run(creds, acl.setxattr, node.fd, name, value, self.idmap, local=node)
         finally:
             if name == _CAPS_XATTR:
-                self.caps_may_have_changed(node)
+                self._caps_may_have_changed(node)
         if name in _ACL_NAMES and node.is_dir:
             await self._stat_dir_after_change(node, creds)
 

@@ -273,7 +273,7 @@ class BackingWatch:
             if ev.mask & fa.FAN_Q_OVERFLOW:
                 batch.everything = True
                 continue
-            parents = self._nodes(target, ev.parent, decoded, is_dir=True)
+            parents = self._nodes(target, ev.parent, is_dir=True)
             if ev.name == b".":  # an event on the directory itself
                 self._changed(ev.mask, parents, batch, is_dir=True)
                 continue
@@ -288,7 +288,7 @@ class BackingWatch:
                     batch.names.update((p, ev.name) for p in parents)
             if ev.obj is not None:
                 is_dir = bool(ev.mask & fa.FAN_ONDIR)
-                self._changed(ev.mask, self._nodes(target, ev.obj, decoded, is_dir), batch,
+                self._changed(ev.mask, self._nodes(target, ev.obj, is_dir), batch,
                               is_dir)
         # Room is made only now: a handle _unknown found in the cache must
         # still be there when its events are matched, or they would be lost.
@@ -307,16 +307,15 @@ class BackingWatch:
             if is_dir:
                 batch.dirs_changed.update(nodes)
 
-    def _nodes(self, target: Target, handle: bytes | None,
-               decoded: dict[bytes, tuple[int, int] | None], is_dir: bool) -> list[int]:
-        """The nodes of the directory (is_dir) or other file a handle names."""
+    def _nodes(self, target: Target, handle: bytes | None, is_dir: bool) -> list[int]:
+        """The nodes of the directory (is_dir) or other file a handle names
+        (every handle of the batch is in the cache until _collect is done)."""
         if handle is None:
             return []
         inode = self._inode_in(handle)
-        if inode is None:
-            inode = decoded[handle] if handle in decoded else self._handles.get(handle)
-            if handle in self._handles:
-                self._handles.move_to_end(handle)
+        if inode is None and handle in self._handles:
+            inode = self._handles[handle]
+            self._handles.move_to_end(handle)
         return target.nodes_of(*inode, is_dir) if inode is not None else []
 
 
