@@ -4,6 +4,7 @@ As root, from the repository:
 
     .venv/bin/python benchmarks/pyfuse3_floor.py [--files 1000] [--seconds 3]
         [--clients 1] [--idle 3] [--min-tasks 2] [--max-tasks 8] [--hold 0]
+        [--poll-us 50]
 
 A trivial pyfuse3 filesystem (no credfs): a root directory with N files
 f0..fN-1 whose lookup and getattr return constant attributes with entry and
@@ -15,9 +16,11 @@ filesystem counts its requests; a getxattr on the root reads the count.
 Reported: µs per stat (wall time / stats, all clients together), µs per
 request, the daemon's CPU per request (utime+stime from /proc/PID/stat over
 the same window) and the daemon's CPU over an idle window (it must stay
-near 0: the session loop must not poll). --hold S keeps the load running S
-seconds more after the measurement with the daemon's pid printed, for a
-profiler (py-spy record --pid PID, perf record -p PID).
+near 0: the session loop polls only right after a request, never while the
+mount is idle). --poll-us N is pyfuse3.main's poll_us (credfs mount --poll;
+0 compares with the loop that always sleeps). --hold S keeps the load
+running S seconds more after the measurement with the daemon's pid printed,
+for a profiler (py-spy record --pid PID, perf record -p PID).
 
 Figures depend on the machine and its load: compare runs made back to back;
 `taskset -c 0` (daemon and clients on one CPU) gives the steadiest figures.
@@ -40,7 +43,7 @@ from harness import sysutil
 COUNT_XATTR = b"user.floor.requests"
 
 
-def serve(mountpoint: str, files: int, min_tasks: int, max_tasks: int) -> None:
+def serve(mountpoint: str, files: int, min_tasks: int, max_tasks: int, poll_us: int) -> None:
     import pyfuse3
     import trio
 
@@ -94,7 +97,8 @@ def serve(mountpoint: str, files: int, min_tasks: int, max_tasks: int) -> None:
                         pyfuse3.terminate()
                         return
             nursery.start_soon(stop_on_signal)
-            await pyfuse3.main(min_tasks=min_tasks, max_tasks=max_tasks)
+            poll = {"poll_us": poll_us} if hasattr(pyfuse3, "poll_window_us") else {}
+            await pyfuse3.main(min_tasks=min_tasks, max_tasks=max_tasks, **poll)
             nursery.cancel_scope.cancel()
 
     pyfuse3.init(Floor(), mountpoint, ["fsname=floor"])
@@ -151,7 +155,7 @@ def measure(args: argparse.Namespace) -> None:
         daemon = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--serve", mnt,
              "--files", str(args.files), "--min-tasks", str(args.min_tasks),
-             "--max-tasks", str(args.max_tasks)],
+             "--max-tasks", str(args.max_tasks), "--poll-us", str(args.poll_us)],
             stdout=subprocess.PIPE, text=True)
         try:
             assert daemon.stdout is not None
@@ -196,9 +200,11 @@ def main() -> None:
     p.add_argument("--hold", type=float, default=0.0)
     p.add_argument("--min-tasks", type=int, default=2)
     p.add_argument("--max-tasks", type=int, default=8)
+    p.add_argument("--poll-us", type=int, default=50,
+                   help="pyfuse3.main's poll_us (credfs mount --poll; default 50, as credfs)")
     args = p.parse_args()
     if args.serve:
-        serve(args.serve, args.files, args.min_tasks, args.max_tasks)
+        serve(args.serve, args.files, args.min_tasks, args.max_tasks, args.poll_us)
     else:
         measure(args)
 

@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
                         "default_permissions, suid, dev, exec, noexec, noatime, fsname=, "
                         "subtype=, max_read=")
     m.add_argument("--workers", type=int, default=16, help="worker threads (default 16)")
+    m.add_argument("--poll", type=int, default=50, metavar="USEC",
+                   help="poll /dev/fuse for the next request up to USEC microseconds "
+                        "before sleeping (adaptive; default 50; 0: never)")
     m.add_argument("--cache", choices=[c.value for c in CacheMode], default="auto",
                    help="attribute/entry authority: none, auto (default: changes made behind "
                         "the mount's back are watched and invalidate at once), always")
@@ -99,6 +102,7 @@ def _options(args: argparse.Namespace) -> MountOptions:
     opts = MountOptions(
         source=args.source, mountpoint=args.mountpoint, creds=args.creds or "caller",
         mounter=args.mounter, cache=CacheMode(args.cache), workers=args.workers,
+        poll_us=args.poll,
         passthrough=args.passthrough,
         missing_groups=args.missing_groups, foreground=args.foreground,
         log_level=args.log_level, log_file=args.log_file, policy=args.policy,

@@ -164,6 +164,12 @@ def plan_watch(opts: MountOptions, cache: CachePolicy, root_fd: int, root_dev: i
                    f"timeout {cache.watched_timeout:g}s)")
 
 
+def poll_argument(poll_us: int) -> dict[str, int]:
+    """pyfuse3.main's poll_us, where this pyfuse3 has it (scripts/build-pyfuse3.sh's
+    has; a stock pyfuse3, used when that build was impossible, has not)."""
+    return {"poll_us": poll_us} if hasattr(pyfuse3, "poll_window_us") else {}
+
+
 def skip_flush(root_dev: int) -> bool:
     """May the kernel skip FUSE_FLUSH on close (FOPEN_NOFLUSH)? A flush is
     close(dup(fd)) on the backing file: on a local filesystem that reports
@@ -214,7 +220,9 @@ def serve(opts: MountOptions, ready: Ready) -> int:
     summary = (f"credfs: serving {os.path.abspath(opts.source)} at "
                f"{os.path.abspath(opts.mountpoint)}; {ops.describe()}; {cache_note}; "
                f"{opts.workers} workers; "
-               f"up to ~{max(fd_limit - 64, 0)} inodes (RLIMIT_NOFILE {fd_limit}); "
+               + (f"polls /dev/fuse up to {opts.poll_us} µs before sleeping; "
+                  if opts.poll_us and poll_argument(opts.poll_us) else "")
+               + f"up to ~{max(fd_limit - 64, 0)} inodes (RLIMIT_NOFILE {fd_limit}); "
                f"capabilities kept: {', '.join(kept) or 'none'}; {passthrough_note}"
                + ("; metadata inline" if inline and inline.covers(table.root_dev) else "")
                + ("; close sends no FLUSH (local backing)" if ops.noflush else "")
@@ -279,7 +287,8 @@ async def _serve(ops: Operations, pool: WorkerPool, opts: MountOptions, ready: R
     try:
         ready(summary)
         try:
-            await pyfuse3.main(min_tasks=2, max_tasks=max(2 * opts.workers, 8))
+            await pyfuse3.main(min_tasks=2, max_tasks=max(2 * opts.workers, 8),
+                               **poll_argument(opts.poll_us))
         except* ConnectionAbortedError:
             # The kernel ended the connection with ECONNABORTED rather than
             # ENODEV (an abort when FUSE_ABORT_ERROR was negotiated; seen once

@@ -36,6 +36,9 @@ _FUSE_FLAGS = {"allow_other", "default_permissions", "noallow_other"}
 _FUSE_VALUES = {"max_read", "fsname", "subtype"}
 
 
+MAX_POLL_US = 1000
+
+
 class OptionError(ValueError):
     """A bad option: the message says which and why."""
 
@@ -48,6 +51,7 @@ class MountOptions:
     mounter: str | None = None
     cache: CacheMode = CacheMode.AUTO
     workers: int = 16
+    poll_us: int = 50  # the most the request loop polls /dev/fuse before sleeping
     passthrough: str = "auto"  # auto | never
     missing_groups: str = "deny"
     foreground: bool = False
@@ -106,6 +110,9 @@ def validate(opts: MountOptions) -> None:
     """Check everything that can be checked before mounting."""
     if opts.workers < 1 or opts.workers > 1024:
         raise OptionError(f"--workers {opts.workers}: must be between 1 and 1024")
+    if not 0 <= opts.poll_us <= MAX_POLL_US:
+        raise OptionError(f"--poll {opts.poll_us}: must be between 0 (never) and "
+                          f"{MAX_POLL_US} microseconds")
     if opts.creds not in ("caller", "mounter"):
         raise OptionError(f"--creds {opts.creds}: must be caller or mounter")
     if opts.mounter is not None and opts.creds != "mounter" and opts.policy is None:

@@ -10,7 +10,9 @@
 # FileInfo.noflush, Operations.enable_passthrough and .enable_killpriv_v2;
 # pyfuse3-readdir.patch: plain readdir, Operations.enable_readdirplus_auto;
 # pyfuse3-readpack.patch: PackedListing, listings as ready-made FUSE_READDIR records;
-# pyfuse3-session.patch: a request loop without a task switch per request),
+# pyfuse3-session.patch: a request loop without a task switch per request;
+# pyfuse3-sessionpoll.patch: main(poll_us=...), the loop polls /dev/fuse for
+# the next request in an adaptive window before sleeping on it),
 # linked to it by rpath.
 # The system's fusermount3 and kernel are used as they are.
 #

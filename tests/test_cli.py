@@ -67,7 +67,7 @@ def test_mount_help_lists_options() -> None:
     r = run_cli("mount", "--help")
     assert r.returncode == 0, r.stderr
     for opt in ("--creds", "-o", "--workers", "--cache", "--foreground", "--log-level",
-                "--missing-groups"):
+                "--missing-groups", "--poll"):
         assert opt in r.stdout, f"{opt} missing from mount --help"
 
 
@@ -116,6 +116,9 @@ def test_mountpoint_not_empty(backing: Path, mnt: Path, mode: list[str]) -> None
     ["--missing-groups", "bogus"],
     ["--log-level", "loud"],
     ["--workers", "5000"],
+    ["--poll", "-1"],
+    ["--poll", "1001"],
+    ["--poll", "soon"],
     ["--mounter", "no-such-user-xyz"],
     ["--mounter", "2001:no-such-group-xyz"],
     ["--mounter", "2001"],  # without --creds mounter or --policy

@@ -76,13 +76,16 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("credfs-caller-none", "credfs", ("--creds", "caller", "--cache", "none")),
     Spec("credfs-caller-nopt", "credfs", ("--creds", "caller", "--cache", "auto",
                                           "--passthrough", "never")),
+    Spec("credfs-caller-nopoll", "credfs", ("--creds", "caller", "--cache", "auto",
+                                            "--poll", "0")),
     Spec("credfs-mounter", "credfs", ("--creds", "mounter", "--cache", "auto")),
     Spec("mergerfs", "mergerfs", ("-o", MERGERFS_OPTIONS)),
     Spec("bindfs", "bindfs", ("-o", BINDFS_OPTIONS)),
 )}
 # What runs without --candidates (credfs-caller-none only on request: it is
 # the slowest setting and not one anybody should deploy for speed;
-# credfs-caller-nopt shows what passthrough is worth).
+# credfs-caller-nopt shows what passthrough is worth, credfs-caller-nopoll what
+# polling /dev/fuse before sleeping is).
 DEFAULT = ("native", "credfs-caller", "credfs-caller-always", "credfs-mounter", "mergerfs",
            "bindfs")
 
