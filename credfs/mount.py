@@ -220,7 +220,8 @@ def serve(opts: MountOptions, ready: Ready) -> int:
     summary = (f"credfs: serving {os.path.abspath(opts.source)} at "
                f"{os.path.abspath(opts.mountpoint)}; {ops.describe()}; {cache_note}; "
                f"{opts.workers} workers; "
-               + (f"polls /dev/fuse up to {opts.poll_us} µs before sleeping; "
+               # ASCII "us": a log file takes the locale's encoding, maybe ASCII.
+               + (f"polls /dev/fuse up to {opts.poll_us} us before sleeping; "
                   if opts.poll_us and poll_argument(opts.poll_us) else "")
                + f"up to ~{max(fd_limit - 64, 0)} inodes (RLIMIT_NOFILE {fd_limit}); "
                f"capabilities kept: {', '.join(kept) or 'none'}; {passthrough_note}"

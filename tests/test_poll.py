@@ -20,9 +20,14 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pyfuse3
 import pytest
 from helpers import pollfs
 from helpers.mounts import is_mounted, kill_and_unmount
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(pyfuse3, "poll_window_us"),
+    reason="stock pyfuse3: main() has no poll_us (scripts/pyfuse3-sessionpoll.patch not built)")
 
 START_TIMEOUT = 15.0
 # Far above any gap between a reply and the next request of a process that
