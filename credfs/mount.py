@@ -170,12 +170,13 @@ def poll_argument(poll_us: int) -> dict[str, int]:
     return {"poll_us": poll_us} if hasattr(pyfuse3, "poll_window_us") else {}
 
 
-def skip_flush(root_dev: int) -> bool:
-    """May the kernel skip FUSE_FLUSH on close (FOPEN_NOFLUSH)? A flush is
-    close(dup(fd)) on the backing file: on a local filesystem that reports
-    nothing, and credfs keeps no POSIX locks (the kernel keeps them itself).
-    Dirty pages of a shared mapping are still written back when it is unmapped."""
-    return passthrough.binding_supports() and local_type(root_dev) is not None
+def flush_is_noop(root_dev: int) -> bool:
+    """Does a flush report nothing? A flush is close(dup(fd)) on the backing
+    file: on a local filesystem that reports nothing, and credfs keeps no
+    POSIX locks (the kernel keeps them itself). The kernel may then skip
+    FUSE_FLUSH on close (FOPEN_NOFLUSH; see Operations). Dirty pages of a
+    shared mapping are still written back when it is unmapped."""
+    return local_type(root_dev) is not None
 
 
 def serve(opts: MountOptions, ready: Ready) -> int:
@@ -211,7 +212,8 @@ def serve(opts: MountOptions, ready: Ready) -> int:
                                                         identity, pool, inline)
     ops = Operations(table, pool, identity, cache, kernel_applies_umask=not is_root,
                      notifier=notifier, gate=gate, idmap=opts.idmap, inline=inline,
-                     passthrough=io_passthrough, noflush=skip_flush(table.root_dev))
+                     passthrough=io_passthrough,
+                     flush_is_noop=flush_is_noop(table.root_dev))
     ops.pressure = DescriptorPressure(max(fd_limit - 64, 0))
     watch, cache_note = plan_watch(opts, cache, root_fd, table.root_dev, mounter)
     if watch is not None:

@@ -41,7 +41,7 @@ from .idmap import IdMapping
 from .inline import InlineRunner, local_type
 from .inodes import Inode, InodeTable
 from .notify import KernelNotifier
-from .passthrough import Choice, Io, Passthrough, kills_setid, registration_for
+from .passthrough import Choice, Io, Passthrough, binding_supports, kills_setid, registration_for
 from .policy import Decision, ObjectFacts
 from .pressure import DescriptorPressure
 from .workers import WorkerPool
@@ -141,11 +141,17 @@ class Operations(pyfuse3.Operations):
                  cache: CachePolicy, kernel_applies_umask: bool,
                  notifier: KernelNotifier, gate: PolicyGate | None = None,
                  idmap: IdMapping | None = None, inline: InlineRunner | None = None,
-                 passthrough: Passthrough | None = None, noflush: bool = False) -> None:
+                 passthrough: Passthrough | None = None, flush_is_noop: bool = False
+                 ) -> None:
         super().__init__()
         self.inline = inline  # None: every backing operation goes to a worker
         self.passthrough = passthrough
-        self.noflush = noflush
+        # flush_is_noop: a flush of a backing file reports nothing (mount.py's
+        # flush_is_noop). Then the kernel is asked not to send FLUSH at all,
+        # where pyfuse3 can say so (noflush), and a FLUSH that comes anyway is
+        # answered at once.
+        self.flush_is_noop = flush_is_noop
+        self.noflush = flush_is_noop and binding_supports()
         self.enable_passthrough = passthrough is not None
         self.idmap = idmap  # None: ids pass unchanged (no cost per request)
         self.table = table
@@ -845,6 +851,10 @@ class Operations(pyfuse3.Operations):
 
     async def flush(self, fh: int) -> None:
         h = self._handle(fh)
+        if self.flush_is_noop:
+            # Nothing to report, and its dup could only fail, for want of
+            # descriptors: the caller's close() would return EMFILE.
+            return
         await self._run(h.creds, backing.flush, h.fd)
 
     async def release(self, fh: int) -> None:

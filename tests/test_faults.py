@@ -28,6 +28,8 @@ from helpers.mounts import CredfsMount, MountError, lazy_umount, mounts_at
 from helpers.trees import Node, build_tree, diff_snapshots, snapshot
 from test_inodes import drop_caches, fd_count, wait_for
 
+from credfs.passthrough import binding_supports as passthrough_binding
+
 MountFactory = Callable[..., CredfsMount]
 
 
@@ -383,3 +385,21 @@ def test_daemon_out_of_descriptors(mount_credfs: MountFactory, backing: Path, mn
     # Checked last, so that the recovery above is checked whatever they were.
     assert set(errors) <= set(FD_ERRORS), f"lookups failed with {errors}, not EMFILE/ENFILE"
     assert open_err in FD_ERRORS, f"open failed with {open_err}, not EMFILE/ENFILE"
+
+
+@pytest.mark.skipif(passthrough_binding(),
+                    reason="this pyfuse3 asks the kernel not to send FLUSH on a local "
+                           "backing (FOPEN_NOFLUSH): no FLUSH reaches the daemon")
+def test_close_never_reports_the_daemons_shortage(mount_credfs: MountFactory, backing: Path,
+                                                  mnt: Path,
+                                                  agents: dict[str, UserAgent]) -> None:
+    """A stock pyfuse3 cannot ask for FOPEN_NOFLUSH, so every close sends a
+    FLUSH. On a local backing it must be answered without a descriptor: with
+    the daemon out of them, close() would otherwise fail with EMFILE, which a
+    native close never does."""
+    (backing / "f").write_bytes(b"x")
+    m = mount_credfs("--cache", "always", kind=LowFdCredfsMount)
+    fds, open_err = agents["alice"].call("open_many", os.fspath(mnt / "f"), 100)
+    assert fds and open_err in FD_ERRORS, (len(fds), open_err)  # the daemon ran out
+    assert agents["alice"].do("close_fds", fds) == ("ok", None)
+    assert alive(m)
