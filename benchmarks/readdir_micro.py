@@ -2,8 +2,8 @@
 
 As root, from the repository:
 
-    .venv/bin/python benchmarks/readdir_micro.py [--n 10000] [--reps 5] [--dir DIR]
-        [--uid UID] [-- CREDFS ARGS]
+    .venv/bin/python benchmarks/readdir_micro.py [--n 10000] [--big 100000] [--reps 5]
+        [--dir DIR] [--uid UID] [-- CREDFS ARGS]
 
 Makes a fresh directory of N empty files twice under one temporary directory
 (one the credfs mount's source, one read natively: same filesystem; under
@@ -15,7 +15,12 @@ benchmark lists as uid 2001; the files then belong to that uid):
 - scandir: `os.scandir(d)` counting entries (names and types, no stat), right
   after an (untimed) lstat pass over the same names, as the compare
   benchmark's listing does;
-- scandir+lstat: `ls -l`-like, an lstat of each entry as it is listed.
+- scandir+lstat: `ls -l`-like, an lstat of each entry as it is listed;
+- access while listing: how long an access(2) of another name takes (each
+  one a request to the daemon) while another process lists a directory of
+  --big files over and over: median, 99th percentile and longest. A daemon
+  that read a large directory on its event loop would make every other
+  caller wait for each pass.
 
 It prints entries/s natively and through credfs, their ratio, and the
 daemon's CPU time per listed entry (utime+stime from /proc/PID/stat).
@@ -80,6 +85,33 @@ def stat_pass(d: str) -> None:
         os.lstat(os.path.join(d, name))
 
 
+def access_while_listing(d: str, other: str, seconds: float = 2.0) -> list[float]:
+    """Seconds each access(other) took while another process listed d in a loop
+    (a process, not a thread: a thread would hold this one's GIL)."""
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            while True:
+                scandir(d)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    took = []
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            t0 = time.perf_counter()
+            os.access(other, os.R_OK)
+            took.append(time.perf_counter() - t0)
+            time.sleep(0.0005)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+    return sorted(took)
+
+
 def timed(fn: Callable[[str], int], d: str, reps: int, prepare: bool,
           daemon: int | None) -> tuple[float, float | None, int]:
     """Median seconds per listing, daemon CPU seconds per listing (the mean:
@@ -100,6 +132,8 @@ def timed(fn: Callable[[str], int], d: str, reps: int, prepare: bool,
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=10000, help="files in the directory")
+    p.add_argument("--big", type=int, default=100000,
+                   help="files in the directory listed while access(2) is timed")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--dir", default="/tmp", help="where to make the directories")
     p.add_argument("--uid", type=int, default=0, help="list as this uid (and its gid)")
@@ -113,8 +147,10 @@ def main() -> int:
     src, native, mnt = (os.path.join(tmp, x) for x in ("src", "native", "mnt"))
     for x in (src, native, mnt):
         os.mkdir(x, 0o755)
-    make_files(os.path.join(src, "d"), args.n)
-    make_files(os.path.join(native, "d"), args.n)
+    for top in (src, native):
+        make_files(os.path.join(top, "d"), args.n)
+        make_files(os.path.join(top, "big"), args.big)
+        os.close(os.open(os.path.join(top, "other"), os.O_CREAT | os.O_WRONLY, 0o644))
     if args.uid:
         for top in (src, native):
             for dirpath, _dirs, files in os.walk(os.path.join(top, "d")):
@@ -132,7 +168,8 @@ def main() -> int:
                 sys.stderr.write("readdir_micro: credfs did not mount\n")
                 return 1
             time.sleep(0.05)
-        print(f"{args.n} entries, median of {args.reps}, uid {args.uid}, under {args.dir};"
+        print(f"{args.n} entries ({args.big} while timing access), median of {args.reps},"
+              f" uid {args.uid}, under {args.dir};"
               f" credfs {' '.join(args.credfs_args)}", flush=True)
         if args.uid and os.fork() == 0:  # measure as the uid, in a child
             code = 1
@@ -171,6 +208,11 @@ def measure(args: argparse.Namespace, native: str, mnt: str, daemon: int) -> int
         print(f"{label:<30} native {n_nat / nat:>11,.0f}/s  credfs {n_via / via:>10,.0f}/s"
               f"  ratio {nat / via:5.3f}  daemon CPU {cpu / n_via * 1e6:6.2f} µs/entry",
               flush=True)
+    for where, top in (("native", native), ("credfs", mnt)):
+        took = access_while_listing(os.path.join(top, "big"), os.path.join(top, "other"))
+        print(f"access(2) while listing, {where:<6} {len(took):>6} calls: median "
+              f"{took[len(took) // 2] * 1e6:7.0f} µs  p99 {took[int(len(took) * 0.99)] * 1e6:7.0f}"
+              f" µs  longest {took[-1] * 1e6:7.0f} µs", flush=True)
     return 0
 
 

@@ -136,6 +136,11 @@ class Operations(pyfuse3.Operations):
     enable_killpriv_v2 = True
     # Plain readdir wherever readdirplus would not pay (see listing.py).
     enable_readdirplus_auto = listing.SUPPORTED
+    # Lookups and listings in one directory reach the daemon side by side
+    # (FUSE_PARALLEL_DIROPS; scripts/pyfuse3-dirops.patch). Without it the
+    # kernel holds a mutex of the directory around each, so that one slow
+    # lookup or one lister's pass holds up every other caller there.
+    enable_parallel_dirops = True
 
     def __init__(self, table: InodeTable, pool: WorkerPool, identity: IdentitySource,
                  cache: CachePolicy, kernel_applies_umask: bool,
@@ -896,11 +901,15 @@ class Operations(pyfuse3.Operations):
         parent = self.table.get(h.node)
         if start_id == 0 or h.entries is None:
             # A snapshot per pass: offsets stay stable while the directory changes.
+            # A large directory is read by a worker: its getdents run without
+            # the GIL, so the loop serves others meanwhile, another lister's
+            # pass included.
+            local = parent if listing.inline_size(h.fd) else None
             if h.decide is None and listing.PACKED:
                 h.entries = await self._run(h.creds, backing.list_dir_packed, h.fd,
-                                            listing.FIRST_OFF, local=parent)
+                                            listing.FIRST_OFF, local=local)
             else:
-                h.entries = await self._run(h.creds, backing.list_dir, h.fd, local=parent)
+                h.entries = await self._run(h.creds, backing.list_dir, h.fd, local=local)
                 if h.decide is not None:
                     h.entries, h.owners = await self._visible(h, h.entries)
         if listing.is_plain(token):
