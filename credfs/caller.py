@@ -22,8 +22,10 @@ import pwd
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
+from .continuation import STEP, request_id
 from .creds import CredentialError, Credentials
 from .idmap import IdMapping
 
@@ -245,8 +247,23 @@ def to_backing(creds: Credentials, idmap: IdMapping) -> Credentials:
     return Credentials(uid, gid, groups, creds.caps)
 
 
+@dataclass(frozen=True, slots=True)
+class _Resolved:
+    unique: int  # the request's id (continuation.py)
+    tid: int
+    uid: int
+    gid: int
+    creds: Credentials
+
+
 class CallerResolver:
-    """Turns a request context into the credentials its backing operation uses."""
+    """Turns a request context into the credentials its backing operation uses.
+
+    The latest caller resolved is kept for the same request (a request may
+    ask more than once) and for the next one when it continues the same
+    syscall (continues(); see continuation.py): the calling thread is blocked
+    in that syscall meanwhile, so its credentials are the same.
+    """
 
     def __init__(self, permitted_caps: int, missing_groups: str = "deny",
                  idmap: IdMapping | None = None) -> None:
@@ -254,12 +271,36 @@ class CallerResolver:
         self.missing_groups = missing_groups
         self.idmap = idmap
         self.as_daemon: Callable[[], bool] = _as_is  # set when the loop lends (inline.py)
+        self._last: _Resolved | None = None
+        self._continuing = 0  # the id of a request that continues the last one's syscall
+        self.read = 0  # callers read from the kernel
+        self.carried = 0  # callers taken over from the previous request of a syscall
+
+    def continues(self, ctx: RequestContext) -> None:
+        """ctx's request continues the syscall of the request before it."""
+        self._continuing = request_id(ctx)
 
     def __call__(self, ctx: RequestContext) -> Credentials:
+        unique = request_id(ctx)
+        last = self._last
+        if unique and last is not None and (last.tid, last.uid, last.gid) == \
+                (ctx.pid, ctx.uid, ctx.gid):
+            if last.unique == unique:
+                return last.creds
+            if last.unique == unique - STEP and self._continuing == unique:
+                self.carried += 1
+                self._last = _Resolved(unique, ctx.pid, ctx.uid, ctx.gid, last.creds)
+                return last.creds
+        self._last = None
+        self.read += 1
         try:
             creds = from_proc(ctx, self.permitted_caps, self.as_daemon)
         except CredentialError:
             if self.missing_groups != "nss":
                 raise
             creds = from_group_database(ctx)
-        return creds if self.idmap is None else to_backing(creds, self.idmap)
+        if self.idmap is not None:
+            creds = to_backing(creds, self.idmap)
+        if unique:
+            self._last = _Resolved(unique, ctx.pid, ctx.uid, ctx.gid, creds)
+        return creds

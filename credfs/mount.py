@@ -213,7 +213,8 @@ def serve(opts: MountOptions, ready: Ready) -> int:
     ops = Operations(table, pool, identity, cache, kernel_applies_umask=not is_root,
                      notifier=notifier, gate=gate, idmap=opts.idmap, inline=inline,
                      passthrough=io_passthrough,
-                     flush_is_noop=flush_is_noop(table.root_dev))
+                     flush_is_noop=flush_is_noop(table.root_dev),
+                     callers=identity.resolver)  # type: ignore[attr-defined]
     ops.pressure = DescriptorPressure(max(fd_limit - 64, 0))
     watch, cache_note = plan_watch(opts, cache, root_fd, table.root_dev, mounter)
     if watch is not None:
@@ -257,6 +258,9 @@ def serve(opts: MountOptions, ready: Ready) -> int:
         log.info("%s", summary)
         trio.run(_main, ops, pool, opts, not is_root, ready, summary, early, watch)
     finally:
+        if ops.callers is not None:
+            log.info("callers: %d read from /proc, %d carried to the next request of "
+                     "their syscall", ops.callers.read, ops.callers.carried)
         ops.as_daemon()  # unmounting needs the daemon's own capabilities
         if watch is not None:
             watch.close()

@@ -27,6 +27,8 @@ from pyfuse3 import FUSEError
 
 from . import acl, backing, caller, filters, listing, syscalls
 from .cache import CachePolicy, NameCache
+from .caller import CallerResolver
+from .continuation import Continuations
 from .creds import (
     CAP_DAC_READ_SEARCH,
     CAP_SETFCAP,
@@ -146,9 +148,12 @@ class Operations(pyfuse3.Operations):
                  cache: CachePolicy, kernel_applies_umask: bool,
                  notifier: KernelNotifier, gate: PolicyGate | None = None,
                  idmap: IdMapping | None = None, inline: InlineRunner | None = None,
-                 passthrough: Passthrough | None = None, flush_is_noop: bool = False
-                 ) -> None:
+                 passthrough: Passthrough | None = None, flush_is_noop: bool = False,
+                 callers: CallerResolver | None = None) -> None:
         super().__init__()
+        # Who is asking, kept for the next request of the same syscall.
+        self.callers = callers
+        self.continuations = Continuations()
         self.inline = inline  # None: every backing operation goes to a worker
         self.passthrough = passthrough
         # flush_is_noop: a flush of a backing file reports nothing (mount.py's
@@ -368,6 +373,15 @@ class Operations(pyfuse3.Operations):
             return self.cache.watched_timeout
         return self.cache.timeout
 
+    def _continuing(self, ctx: pyfuse3.RequestContext, parent: Inode, name: bytes,
+                    exclusive: bool) -> None:
+        """A request that makes name in parent (exclusive: as the kernel sent
+        it): when it continues the syscall of the LOOKUP just before it, the
+        caller resolved for that LOOKUP is its caller (continuation.py)."""
+        if self.continuations.makes_after_lookup(ctx, parent.node, name, exclusive) \
+                and self.callers is not None:
+            self.callers.continues(ctx)
+
     def _creator(self, ctx: pyfuse3.RequestContext, parent: Inode, name: bytes,
                  is_dir: bool = False) -> tuple[Credentials, Act]:
         act = self._act(ctx, "create", parent, name, ObjectFacts(is_dir, None, new=True))
@@ -377,6 +391,7 @@ class Operations(pyfuse3.Operations):
                     is_dir: bool, make: Callable[..., backing.Found], *args: Any,
                     umask: int = 0) -> pyfuse3.EntryAttributes:
         """mknod, mkdir, symlink: made by the creator, entered, owner recorded."""
+        self._continuing(ctx, parent, name, exclusive=True)  # the kernel's LOOKUP_EXCL
         creds, act = self._creator(ctx, parent, name, is_dir)
         epoch = parent.search_epoch
         try:
@@ -425,7 +440,13 @@ class Operations(pyfuse3.Operations):
         found = await self._run(act.creds, backing.lookup, parent.fd, name,
                                 self._known_public(parent), local=parent)
         if found is None:
-            return self._absent(parent, name, epoch)
+            try:
+                entry = self._absent(parent, name, epoch)
+            except FUSEError:
+                self.continuations.absent(ctx, parent.node, name, cached=False)
+                raise
+            self.continuations.absent(ctx, parent.node, name, cached=True)
+            return entry
         self._saw_parent(parent, found.parent_public, epoch)
         owner = await self._owner_of(found.fd) if self._records_owners() else None
         view = self._read_view(act, parent, name, found.st, owner)
@@ -783,6 +804,7 @@ class Operations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self.table.get(parent_inode)
+        self._continuing(ctx, parent, name, exclusive=bool(flags & os.O_EXCL))
         if self.gate is not None:
             (existing,) = await self._run(_PROBE, backing.probe, parent.fd, [name])
             if existing is not None:
