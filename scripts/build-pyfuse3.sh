@@ -6,13 +6,15 @@
 # a backing file. So: libfuse 3.17.2 from Debian's own source package (trixie;
 # checksum pinned), built as a shared library inside the venv, and pyfuse3
 # 3.5.0 from PyPI with the scripts/pyfuse3-*.patch files applied in name order
-# (pyfuse3-passthrough.patch: FileInfo.backing_id,
+# (pyfuse3-dirops.patch: Operations.enable_parallel_dirops, FUSE_PARALLEL_DIROPS;
+# pyfuse3-passthrough.patch: FileInfo.backing_id,
 # FileInfo.noflush, Operations.enable_passthrough and .enable_killpriv_v2;
 # pyfuse3-readdir.patch: plain readdir, Operations.enable_readdirplus_auto;
 # pyfuse3-readpack.patch: PackedListing, listings as ready-made FUSE_READDIR records;
 # pyfuse3-session.patch: a request loop without a task switch per request;
 # pyfuse3-sessionpoll.patch: main(poll_us=...), the loop polls /dev/fuse for
-# the next request in an adaptive window before sleeping on it),
+# the next request in an adaptive window before sleeping on it;
+# pyfuse3-unique.patch: RequestContext.unique, the request id the kernel gave),
 # linked to it by rpath.
 # The system's fusermount3 and kernel are used as they are.
 #
