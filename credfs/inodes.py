@@ -58,6 +58,12 @@ class Inode:
     # device, and no change to its attributes has been seen since (see
     # Operations._file_caps: the kernel asks before every write).
     caps_absent: bool = False
+    # An open of it was answered with the kernel's page cache for its data
+    # (not passthrough): the kernel may hold pages of it. Until then it holds
+    # none (passthrough reads, writes and maps the backing file's; FUSE
+    # caches no directory or symlink here), so telling it to forget the
+    # attributes is all a change needs, and cannot wait on a page (watch.py).
+    paged: bool = False
 
     @property
     def is_dir(self) -> bool:

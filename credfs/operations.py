@@ -780,14 +780,17 @@ class Operations(pyfuse3.Operations):
     async def _choose_io(self, node: Inode, handle: Handle, writable: bool) -> Choice:
         """Passthrough, page cache or direct I/O for a new open file of node."""
         if self.passthrough is None:
-            return _CACHED
-        opener: Credentials | None = registration_for(
-            handle.creds, kills_setid(handle.creds, handle.kill_privs))
-        if writable and handle.kill_privs and not _stands_in_for_caller(handle):
-            opener = None  # writes through the daemon, which clears bits as decided
-        choice = await self.passthrough.choose(node.node, node.fd, node.key[0], node.mode,
-                                               bool(node.view), opener, writable)
+            choice = _CACHED
+        else:
+            opener: Credentials | None = registration_for(
+                handle.creds, kills_setid(handle.creds, handle.kill_privs))
+            if writable and handle.kill_privs and not _stands_in_for_caller(handle):
+                opener = None  # writes through the daemon, which clears bits as decided
+            choice = await self.passthrough.choose(node.node, node.fd, node.key[0], node.mode,
+                                                   bool(node.view), opener, writable)
         handle.io = choice.io
+        if choice.io is Io.CACHED:
+            node.paged = True  # from this reply on, the kernel may cache its pages
         return choice
 
     def _file_info(self, fh: int, choice: Choice) -> pyfuse3.FileInfo:

@@ -17,7 +17,9 @@ mapping made directly on the backing file).
 Events caused by the daemon itself (every change made through the mount is
 made by one of its threads) are skipped: the kernel already knows. Writes
 through kernel passthrough are made by the writer's own process, so they do
-arrive; the invalidation they cause is harmless.
+arrive; the invalidation they cause is harmless, and cheap: a file only ever
+opened with passthrough has no page in the kernel's cache, so only its
+attributes are invalidated, from the event loop itself (Inode.paged).
 
 Events are read in batches, at most every BATCH_DELAY: one wake-up per change
 would cost more than the change. A directory that stops being searchable by
@@ -100,10 +102,18 @@ class Batch:
     names: set[tuple[int, bytes]] = field(default_factory=set)  # (directory node, name)
     dirs_changed: set[int] = field(default_factory=set)  # directories whose mode/ACL changed
     everything: bool = False  # the queue overflowed
+    # Of attrs and data, moved here by Target.watched_change: nodes the kernel
+    # holds no page of (Inode.paged), whose attributes are all there is to
+    # forget. Told from the event loop, at once: nothing in that can wait.
+    pageless: set[int] = field(default_factory=set)
 
     def __bool__(self) -> bool:
         return bool(self.attrs or self.data or self.names or self.dirs_changed
-                    or self.everything)
+                    or self.everything or self.pageless)
+
+    def for_thread(self) -> bool:
+        """Is anything left that is told from a helper thread (see run)?"""
+        return bool(self.attrs or self.data or self.names)
 
 
 class Target:
@@ -150,6 +160,13 @@ class Target:
                         "overflow): dropping every cached name and attribute")
             names.drop_everywhere(self.table.directories_with_cached_names())
             batch.data.update(self.table.all_nodes())
+            return batch
+        for node in batch.data | batch.attrs:
+            inode = self.table.known(node)
+            if inode is not None and not inode.paged:
+                batch.pageless.add(node)
+        batch.data -= batch.pageless
+        batch.attrs -= batch.pageless
         return batch
 
     def watch_lost(self) -> Batch:
@@ -211,7 +228,8 @@ class BackingWatch:
         cancelled. Handles not seen before are decoded, and apply runs, in a
         helper thread as the daemon: decoding needs CAP_DAC_READ_SEARCH, which
         the loop thread may have lent away (inline.py), and a notification may
-        wait for a directory lock that a request in flight holds until we reply."""
+        wait for a directory lock, or a page lock, that a request in flight
+        holds until we reply. Pageless nodes are told on the loop (Batch)."""
         try:
             while True:
                 await trio.lowlevel.wait_readable(self.group)
@@ -223,7 +241,9 @@ class BackingWatch:
                 if batch:
                     log.debug("backing changed: %s", batch)
                     batch = target.watched_change(batch)
-                    await target.to_thread(apply, batch)
+                    apply_pageless(batch)
+                    if batch.for_thread():
+                        await target.to_thread(apply, batch)
         except Exception:  # not Cancelled: that ends the daemon as it should
             # Whatever went wrong, long timeouts without a watch would keep
             # stale names: back to short ones, and forget what was cached.
@@ -317,6 +337,15 @@ class BackingWatch:
             inode = self._handles[handle]
             self._handles.move_to_end(handle)
         return target.nodes_of(*inode, is_dir) if inode is not None else []
+
+
+def apply_pageless(batch: Batch) -> None:
+    """Tell the kernel to forget the attributes of batch's pageless nodes (on
+    the event loop: a node without pages is invalidated without waiting for
+    anything - no page lock, no directory lock - so no reply we owe can
+    hold it up)."""
+    for node in batch.pageless:
+        _quiet(pyfuse3.invalidate_inode, node, True)
 
 
 def apply(batch: Batch) -> None:
