@@ -243,8 +243,7 @@ class Operations(pyfuse3.Operations):
         inline.py) and works on local's device: on the event loop when that is
         a local filesystem, skipping the hop to a worker."""
         try:
-            if local is not None and self.inline is not None \
-                    and self.inline.covers(local.key[0]):
+            if local is not None and self._covers(local):
                 try:
                     return self.inline.run(creds, umask, fn, *args)
                 except backing.Elsewhere:
@@ -254,6 +253,10 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(exc.errno or errno.EIO) from None
         except CredentialError:
             raise FUSEError(errno.EACCES) from None
+
+    def _covers(self, node: Inode) -> bool:
+        """Do operations on node's device run inline (see _run)?"""
+        return self.inline is not None and self.inline.covers(node.key[0])
 
     def as_daemon(self) -> None:
         """The loop thread's own identity back now (see inline.py), for what
@@ -485,18 +488,28 @@ class Operations(pyfuse3.Operations):
         node = self.table.get(inode)
         if self.gate is not None:
             self._act(ctx, "lookup", node)  # the policy may refuse it; no one acts
+        if not self._covers(node):
+            # On any other filesystem fstat may wait on a server (NFS, FUSE),
+            # and the loop with it: a worker asks, as the caller.
+            epoch = node.search_epoch
+            st, public = await self._run(self._act(ctx, "lookup", node).creds,
+                                         _stat_node, node.fd, node.is_dir)
+            return self._stat_seen(node, st, public, epoch)
         # fstat of the O_PATH descriptor checks no permission (the kernel
         # checked the walk to this node, as the caller, at lookup) and does not
         # block on a local filesystem: done here, without a worker's hop.
         try:
-            if node.is_dir:
-                st, public = backing.stat_dir(node.fd)
-                self.names.observed(node, public)
-                self._saw_parent(node, public, node.search_epoch)
-            else:
-                st = backing.getattr_(node.fd)
+            st, public = _stat_node(node.fd, node.is_dir)
         except OSError as exc:
             raise FUSEError(exc.errno or errno.EIO) from None
+        return self._stat_seen(node, st, public, node.search_epoch)
+
+    def _stat_seen(self, node: Inode, st: os.stat_result, public: bool, epoch: int
+                   ) -> pyfuse3.EntryAttributes:
+        """getattr's reply; a directory's searchability noted (see _saw_parent)."""
+        if node.is_dir:
+            self.names.observed(node, public)
+            self._saw_parent(node, public, epoch)
         return self._attrs(node, st)
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
@@ -903,8 +916,9 @@ class Operations(pyfuse3.Operations):
             # A snapshot per pass: offsets stay stable while the directory changes.
             # A large directory is read by a worker: its getdents run without
             # the GIL, so the loop serves others meanwhile, another lister's
-            # pass included.
-            local = parent if listing.inline_size(h.fd) else None
+            # pass included. Its size is asked only on a local device: fstat
+            # on any other may wait on a server, and the loop with it.
+            local = parent if self._covers(parent) and listing.inline_size(h.fd) else None
             if h.decide is None and listing.PACKED:
                 h.entries = await self._run(h.creds, backing.list_dir_packed, h.fd,
                                             listing.FIRST_OFF, local=local)
@@ -1171,6 +1185,13 @@ class Operations(pyfuse3.Operations):
         if name in _ACL_NAMES and node.is_dir:
             await self._stat_dir_after_change(node, creds)
 
+
+
+def _stat_node(fd: int, is_dir: bool) -> tuple[os.stat_result, bool]:
+    """Attributes of a node, and for a directory whether everyone may search it."""
+    if is_dir:
+        return backing.stat_dir(fd)
+    return backing.getattr_(fd), False
 
 
 def _stands_in_for_caller(handle: Handle) -> bool:
