@@ -919,13 +919,18 @@ class Operations(pyfuse3.Operations):
             # pass included. Its size is asked only on a local device: fstat
             # on any other may wait on a server, and the loop with it.
             local = parent if self._covers(parent) and listing.inline_size(h.fd) else None
+            # Kept only once complete: a pass that fails half way (the
+            # policy's probe) must leave nothing unfiltered for a listing
+            # resumed at an offset.
+            h.entries = None
             if h.decide is None and listing.PACKED:
                 h.entries = await self._run(h.creds, backing.list_dir_packed, h.fd,
                                             listing.FIRST_OFF, local=local)
             else:
-                h.entries = await self._run(h.creds, backing.list_dir, h.fd, local=local)
+                entries = await self._run(h.creds, backing.list_dir, h.fd, local=local)
                 if h.decide is not None:
-                    h.entries, h.owners = await self._visible(h, h.entries)
+                    entries, h.owners = await self._visible(h, entries)
+                h.entries = entries
         if listing.is_plain(token):
             listing.reply_plain(token, h.entries, start_id, h.node)
             return

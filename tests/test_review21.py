@@ -192,3 +192,68 @@ def test_a_stat_on_a_slow_device_holds_up_no_one(
     assert (through.st_ino, through.st_size) == (native.st_ino, native.st_size)
     assert isinstance(slow.result, os.stat_result)
     assert stat.S_ISDIR(slow.result.st_mode)
+
+
+def _names_from(dir_fd: int, offset: int) -> list[bytes] | OSError:
+    """Names getdents64 gives from a directory offset on (a resumed listing)."""
+    os.lseek(dir_fd, offset, os.SEEK_SET)
+    buf = ctypes.create_string_buffer(65536)
+    names: list[bytes] = []
+    while True:
+        got = _libc.syscall(_SYS_GETDENTS64, dir_fd, buf, len(buf))
+        if got < 0:
+            err = ctypes.get_errno()
+            return OSError(err, os.strerror(err))
+        if got == 0:
+            return names
+        pos = 0
+        while pos < got:
+            _ino, _off, reclen, _type = _DIRENT_HEADER.unpack_from(buf.raw, pos)
+            names.append(buf.raw[pos + _DIRENT_HEADER.size:pos + reclen].split(b"\0", 1)[0])
+            pos += reclen
+
+
+HIDING_POLICY = """\
+version = 1
+[defaults]
+action = "allow"
+
+[[rule]]
+path = "d/secret"
+action = "deny"
+errno = "ENOENT"
+
+[[rule]]
+path = "d/mine"
+owner = "caller"
+action = "allow"
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="getdents64 syscall number of x86_64")
+def test_a_failed_listing_pass_leaves_no_hidden_name_behind(
+        workdir: Path, backing: Path, mnt: Path, serve_slowfs: Callable[[Path], SlowFs],
+        mount_credfs: Callable[..., object]) -> None:
+    """readdir kept the unfiltered snapshot in the handle before the policy
+    filtered it: when filtering failed (here the probe of a dead FUSE mount
+    in the directory: ENOTCONN), a listing resumed at an offset (lseek, then
+    getdents) was served from it, hidden names and all."""
+    d = backing / "d"
+    (d / "dead").mkdir(parents=True)
+    (d / "secret").write_bytes(b"s")
+    (d / "other").write_bytes(b"o")
+    fs = serve_slowfs(d / "dead")
+    fs.proc.kill()  # its mount stays, dead: every use of it fails with ENOTCONN
+    fs.proc.wait(timeout=START_TIMEOUT)
+    policy = workdir / "hiding.toml"
+    policy.write_text(HIDING_POLICY)
+    mount_credfs("--policy", str(policy))
+    fd = os.open(mnt / "d", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        first = _names_from(fd, 0)
+        resumed = _names_from(fd, 2)  # past "." and ".."
+    finally:
+        os.close(fd)
+    for got in (first, resumed):
+        assert isinstance(got, OSError) or b"secret" not in got, \
+            f"the hidden name was listed: {got}"
