@@ -13,6 +13,7 @@ import ctypes
 import os
 import platform
 import select
+import shutil
 import signal
 import stat
 import struct
@@ -81,14 +82,14 @@ def serve_slowfs() -> Iterator[Callable[[Path], SlowFs]]:
 class Call(threading.Thread):
     """fn(*args) in a thread: its result or its error once done."""
 
-    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+    def __init__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         super().__init__(daemon=True)
-        self.fn, self.args = fn, args
+        self.fn, self.args, self.kwargs = fn, args, kwargs
         self.result: Any = None
 
     def run(self) -> None:
         try:
-            self.result = self.fn(*self.args)
+            self.result = self.fn(*self.args, **self.kwargs)
         except OSError as exc:
             self.result = exc
 
@@ -257,3 +258,89 @@ def test_a_failed_listing_pass_leaves_no_hidden_name_behind(
     for got in (first, resumed):
         assert isinstance(got, OSError) or b"secret" not in got, \
             f"the hidden name was listed: {got}"
+
+
+# -- one directory, many callers at once ------------------------------------------
+
+HAMMER_FILES = 1500  # names of 40 bytes: ~72 KiB of ext4 entries, read by a worker
+HAMMER_ROUNDS = 250
+
+
+def _deleted_descriptors(pid: int) -> list[str]:
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.endswith(" (deleted)"):
+            out.append(target)
+    return out
+
+
+@pytest.mark.parametrize("inline", ["auto", "never"])
+def test_one_directory_many_callers_balances_lookups(
+        backing: Path, mnt: Path, mount_credfs: Callable[..., Any],
+        agents: dict[str, Any], make_agent: Callable[..., Any], users: dict[str, Any],
+        inline: str) -> None:
+    """Lookups, plain and readdirplus listings (a directory large enough to be
+    read by a worker), stats and reads in one directory from several uids at
+    once, names made and removed meanwhile (with --inline never every handler
+    waits on a worker, as on a backing that is not local): no caller sees an
+    error or a name that was never there, and once everything is removed
+    through the mount, every descriptor the daemon held for it is closed (each
+    lookup reference given was forgotten once, no more: a double forget would
+    show as ESTALE above)."""
+    from credfs import listing
+    d = backing / "d"
+    d.mkdir()
+    d.chmod(0o777 | stat.S_ISVTX)
+    ids = [users["alice"], users["bob"], users["carol"]]
+    names = []
+    for i in range(HAMMER_FILES):
+        name = f"file-{i:05d}-" + "n" * 29
+        p = d / name
+        p.write_bytes(b"data %d" % i)
+        who = ids[i % 3]
+        os.chown(p, who.uid, who.gid)
+        p.chmod((0o644, 0o600, 0o640)[i // 3 % 3])
+        names.append(name)
+    for i in range(20):
+        sub = d / f"dir-{i:02d}"
+        sub.mkdir()
+        sub.chmod((0o755, 0o700, 0o704, 0o711)[i % 4])
+        names.append(sub.name)
+    assert os.stat(d).st_size > listing.INLINE_MAX_BYTES, "not read by a worker"
+    m = mount_credfs("--inline", inline)
+    through = str(mnt / "d")
+    hammerers = [agents["alice"], agents["bob"], agents["carol"], agents["root"],
+                 make_agent(users["bob"])]
+    churner = make_agent(users["carol"])
+    calls = [Call(a.do, "hammer_dir", through, names, HAMMER_ROUNDS, seed, timeout=300)
+             for seed, a in enumerate(hammerers)]
+    calls.append(Call(churner.do, "churn_names", through, 400, timeout=300))
+    for c in calls:
+        c.start()
+    for c in calls:
+        c.join(320)
+    assert not any(c.is_alive() for c in calls), "an agent never finished"
+    problems = []
+    for a, c in zip([*hammerers, churner], calls, strict=True):
+        status, value = c.result
+        if status != "ok":
+            problems.append(f"{a.name}: {value}")
+        elif isinstance(value, dict) and (value["errors"] or value["strangers"]):
+            problems.append(f"{a.name}: {value['errors']} {value['strangers'][:5]}")
+    assert not problems, problems
+    assert sorted(os.listdir(mnt / "d")) == sorted(os.listdir(d))
+    # Everything removed through the mount: the kernel forgets every node of it.
+    pid = m.pid
+    assert pid is not None
+    shutil.rmtree(mnt / "d")
+    deadline = time.monotonic() + 30
+    while _deleted_descriptors(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _deleted_descriptors(pid)
+    assert not left, f"{len(left)} descriptors of removed files still held: {left[:5]}"
+    log = m.log
+    assert "internal error" not in log and "Traceback" not in log, log[-3000:]
