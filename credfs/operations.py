@@ -243,7 +243,8 @@ class Operations(pyfuse3.Operations):
         inline.py) and works on local's device: on the event loop when that is
         a local filesystem, skipping the hop to a worker."""
         try:
-            if local is not None and self._covers(local):
+            if local is not None and self.inline is not None \
+                    and self.inline.covers(local.key[0]):
                 try:
                     return self.inline.run(creds, umask, fn, *args)
                 except backing.Elsewhere:
@@ -486,14 +487,14 @@ class Operations(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext
                       ) -> pyfuse3.EntryAttributes:
         node = self.table.get(inode)
-        if self.gate is not None:
-            self._act(ctx, "lookup", node)  # the policy may refuse it; no one acts
+        # With a policy: it may refuse it (no one acts on a local filesystem).
+        act = self._act(ctx, "lookup", node) if self.gate is not None else None
         if not self._covers(node):
             # On any other filesystem fstat may wait on a server (NFS, FUSE),
             # and the loop with it: a worker asks, as the caller.
             epoch = node.search_epoch
-            st, public = await self._run(self._act(ctx, "lookup", node).creds,
-                                         _stat_node, node.fd, node.is_dir)
+            creds = (act or self._act(ctx, "lookup", node)).creds
+            st, public = await self._run(creds, _stat_node, node.fd, node.is_dir)
             return self._stat_seen(node, st, public, epoch)
         # fstat of the O_PATH descriptor checks no permission (the kernel
         # checked the walk to this node, as the caller, at lookup) and does not
