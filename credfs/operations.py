@@ -260,6 +260,10 @@ class Operations(pyfuse3.Operations):
         except CredentialError:
             raise FUSEError(errno.EACCES) from None
 
+    def _covers(self, node: Inode) -> bool:
+        """Do operations on node's device run inline (see _run)?"""
+        return self.inline is not None and self.inline.covers(node.key[0])
+
     def as_daemon(self) -> None:
         """The loop thread's own identity back now (see inline.py), for what
         must run on it as the daemon."""
@@ -504,20 +508,30 @@ class Operations(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext
                       ) -> pyfuse3.EntryAttributes:
         node = self.table.get(inode)
-        if self.gate is not None:
-            self._act(ctx, "lookup", node)  # the policy may refuse it; no one acts
+        # With a policy: it may refuse it (no one acts on a local filesystem).
+        act = self._act(ctx, "lookup", node) if self.gate is not None else None
+        if not self._covers(node):
+            # On any other filesystem fstat may wait on a server (NFS, FUSE),
+            # and the loop with it: a worker asks, as the caller.
+            epoch = node.search_epoch
+            creds = (act or self._act(ctx, "lookup", node)).creds
+            st, public = await self._run(creds, _stat_node, node.fd, node.is_dir)
+            return self._stat_seen(node, st, public, epoch)
         # fstat of the O_PATH descriptor checks no permission (the kernel
         # checked the walk to this node, as the caller, at lookup) and does not
         # block on a local filesystem: done here, without a worker's hop.
         try:
-            if node.is_dir:
-                st, public = backing.stat_dir(node.fd)
-                self.names.observed(node, public)
-                self._saw_parent(node, public, node.search_epoch)
-            else:
-                st = backing.getattr_(node.fd)
+            st, public = _stat_node(node.fd, node.is_dir)
         except OSError as exc:
             raise FUSEError(exc.errno or errno.EIO) from None
+        return self._stat_seen(node, st, public, node.search_epoch)
+
+    def _stat_seen(self, node: Inode, st: os.stat_result, public: bool, epoch: int
+                   ) -> pyfuse3.EntryAttributes:
+        """getattr's reply; a directory's searchability noted (see _saw_parent)."""
+        if node.is_dir:
+            self.names.observed(node, public)
+            self._saw_parent(node, public, epoch)
         return self._attrs(node, st)
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
@@ -928,15 +942,21 @@ class Operations(pyfuse3.Operations):
             # A snapshot per pass: offsets stay stable while the directory changes.
             # A large directory is read by a worker: its getdents run without
             # the GIL, so the loop serves others meanwhile, another lister's
-            # pass included.
-            local = parent if listing.inline_size(h.fd) else None
+            # pass included. Its size is asked only on a local device: fstat
+            # on any other may wait on a server, and the loop with it.
+            local = parent if self._covers(parent) and listing.inline_size(h.fd) else None
+            # Kept only once complete: a pass that fails half way (the
+            # policy's probe) must leave nothing unfiltered for a listing
+            # resumed at an offset.
+            h.entries = None
             if h.decide is None and listing.PACKED:
                 h.entries = await self._run(h.creds, backing.list_dir_packed, h.fd,
                                             listing.FIRST_OFF, local=local)
             else:
-                h.entries = await self._run(h.creds, backing.list_dir, h.fd, local=local)
+                entries = await self._run(h.creds, backing.list_dir, h.fd, local=local)
                 if h.decide is not None:
-                    h.entries, h.owners = await self._visible(h, h.entries)
+                    entries, h.owners = await self._visible(h, entries)
+                h.entries = entries
         if listing.is_plain(token):
             listing.reply_plain(token, h.entries, start_id, h.node)
             return
@@ -1196,6 +1216,13 @@ class Operations(pyfuse3.Operations):
         if name in _ACL_NAMES and node.is_dir:
             await self._stat_dir_after_change(node, creds)
 
+
+
+def _stat_node(fd: int, is_dir: bool) -> tuple[os.stat_result, bool]:
+    """Attributes of a node, and for a directory whether everyone may search it."""
+    if is_dir:
+        return backing.stat_dir(fd)
+    return backing.getattr_(fd), False
 
 
 def _stands_in_for_caller(handle: Handle) -> bool:

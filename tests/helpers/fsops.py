@@ -798,3 +798,78 @@ def read_nonblock(path: str) -> bytes:
         return out
     finally:
         os.close(fd)
+
+
+# --- one directory, many callers at once (test_review21) ---
+
+
+def hammer_dir(directory: str, names: list[str], rounds: int, seed: int
+               ) -> dict[str, Any]:
+    """rounds of a random mix in directory: a plain listing (os.listdir), a
+    listing with a stat of every entry (readdirplus, then lookups/getattrs),
+    stats of listed names and of names never there, reads. ENOENT for a
+    name another agent made or removed meanwhile (names starting "tmp-") is
+    expected; every other outcome is counted by kind, with each errno and
+    each listed name that is neither in names nor a tmp- name."""
+    import random
+    rnd = random.Random(seed)
+    out: dict[str, Any] = {"errors": {}, "strangers": set(), "listings": 0, "stats": 0}
+    known = set(names)
+
+    def err(kind: str, e: OSError) -> None:
+        key = f"{kind}:{e.errno}"
+        out["errors"][key] = out["errors"].get(key, 0) + 1
+
+    for _ in range(rounds):
+        pick = rnd.random()
+        try:
+            if pick < 0.25:
+                listed = os.listdir(directory)
+                out["listings"] += 1
+                out["strangers"].update(n for n in listed
+                                        if n not in known and not n.startswith("tmp-"))
+            elif pick < 0.45:
+                with os.scandir(directory) as it:
+                    for e in it:
+                        try:
+                            e.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            if not e.name.startswith("tmp-"):
+                                raise
+                        if e.name not in known and not e.name.startswith("tmp-"):
+                            out["strangers"].add(e.name)
+                out["listings"] += 1
+            elif pick < 0.8:
+                for n in rnd.sample(names, 20):
+                    try:
+                        os.stat(os.path.join(directory, n), follow_symlinks=False)
+                    except PermissionError:
+                        pass  # a mode that refuses this caller: as natively
+                    out["stats"] += 1
+            elif pick < 0.9:
+                try:
+                    os.stat(os.path.join(directory, f"absent-{rnd.randrange(50)}"))
+                except FileNotFoundError:
+                    pass
+            else:
+                n = rnd.choice(names)
+                try:
+                    with open(os.path.join(directory, n), "rb") as f:
+                        f.read(64)
+                except (PermissionError, IsADirectoryError):
+                    pass
+        except OSError as e:
+            err("op", e)
+    out["strangers"] = sorted(out["strangers"])
+    return out
+
+
+def churn_names(directory: str, rounds: int) -> int:
+    """Make and remove tmp- names in directory, rounds times; errors raise."""
+    for i in range(rounds):
+        p = os.path.join(directory, f"tmp-{os.getpid()}-{i % 7}")
+        if os.path.lexists(p):
+            os.unlink(p)
+        else:
+            os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o644))
+    return rounds

@@ -1,0 +1,99 @@
+"""A pyfuse3 filesystem whose root directory can be made slow on demand: a
+backing that stops answering (a hung NFS server, a stuck FUSE daemon),
+mounted inside credfs's backing tree.
+
+Run as a script: `python slowdirfs.py MOUNTPOINT`. It mounts an empty root
+directory (attribute timeout 0) that can be opened and listed, and prints
+"ready". It answers at once until it gets SIGUSR2 ("armed" is printed): from
+then on every GETATTR, OPENDIR and READDIR of the root waits, and "stalled"
+is printed when the first of them starts waiting. SIGUSR1 answers those
+waiting and disarms it. SIGTERM answers all and ends it, unmounting.
+"""
+
+from __future__ import annotations
+
+import errno
+import signal
+import stat
+import sys
+
+import pyfuse3
+import trio
+
+
+class SlowDirFs(pyfuse3.Operations):
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.released = trio.Event()
+        self.reported = False
+
+    async def _maybe_wait(self) -> None:
+        if not self.armed:
+            return
+        released = self.released
+        if not self.reported:
+            self.reported = True
+            print("stalled", flush=True)
+        await released.wait()
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext
+                      ) -> pyfuse3.EntryAttributes:
+        if inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        await self._maybe_wait()
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = pyfuse3.ROOT_INODE
+        a.attr_timeout = 0
+        a.st_mode, a.st_nlink = stat.S_IFDIR | 0o755, 2
+        return a
+
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        await self._maybe_wait()
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        await self._maybe_wait()
+
+    async def releasedir(self, fh: int) -> None:
+        pass
+
+
+async def _serve(fs: SlowDirFs) -> None:
+    async with trio.open_nursery() as nursery:
+        async def on_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM,
+                                           signal.SIGINT) as signals:
+                # Only now may it be signalled (SIGUSR2 would end it before).
+                print("ready", flush=True)
+                async for signum in signals:
+                    if signum == signal.SIGUSR2:
+                        fs.armed = True
+                        print("armed", flush=True)
+                        continue
+                    fs.armed = False
+                    released, fs.released, fs.reported = fs.released, trio.Event(), False
+                    released.set()
+                    if signum != signal.SIGUSR1:
+                        pyfuse3.terminate()
+                        return
+        nursery.start_soon(on_signals)
+        await pyfuse3.main(min_tasks=2, max_tasks=8)
+        nursery.cancel_scope.cancel()
+
+
+def main() -> None:
+    fs = SlowDirFs()
+    pyfuse3.init(fs, sys.argv[1], ["fsname=slowdirfs", "allow_other"])
+    try:
+        trio.run(_serve, fs)
+    finally:
+        pyfuse3.close(unmount=True)
+
+
+if __name__ == "__main__":
+    main()
