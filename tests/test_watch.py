@@ -431,3 +431,25 @@ def test_directory_made_private_while_the_handle_cache_turns_over(
     assert want[0] == "err", f"test wrong: native gave {want}"
     got = until(lambda: bob.do("read", os.fspath(mnt / "pub/d/f")), want)
     assert got == want, f"bob read through the mount after pub/d was made private: {got}"
+
+
+@pytest.mark.parametrize("passthrough", ["auto", "never"])
+def test_contents_rewritten_behind_the_back_show_at_once(
+        passthrough: str, tree: Path, mnt: Path, mount_credfs: MountFactory) -> None:
+    """Same size, and the old mtime put back: the kernel's own check (size
+    and mtime, auto_inval_data) sees nothing, so only the daemon's
+    invalidation can drop pages the kernel cached (--passthrough never: every
+    open uses the page cache). With passthrough the kernel holds no page of
+    the file, and invalidating its attributes is all there is to do (watch.py,
+    Inode.paged)."""
+    watched(mount_credfs("--passthrough", passthrough))
+    f, via = tree / "pub/d/f", mnt / "pub/d/f"
+    old = f.read_bytes()
+    assert via.read_bytes() == old  # now in the kernel's page cache, if it uses one
+    st = os.stat(f)
+    new = old.upper()
+    assert new != old and len(new) == len(old)
+    with open(f, "r+b") as out:
+        out.write(new)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert until(via.read_bytes, new) == new
