@@ -19,7 +19,7 @@ import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyfuse3
 import trio
@@ -47,6 +47,9 @@ from .passthrough import Choice, Io, Passthrough, binding_supports, kills_setid,
 from .policy import Decision, ObjectFacts
 from .pressure import DescriptorPressure
 from .workers import WorkerPool
+
+if TYPE_CHECKING:
+    from pyfuse3 import PackedListing
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +115,17 @@ class Handle:
     owners: dict[bytes, int | None] | None = None  # readdir: recorded owners of entries
     listed_views: dict[bytes, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     listed_refused: set[bytes] = dataclasses.field(default_factory=set)  # listed, lookup denied
+    opened: int = 0  # readdir: when the directory was opened (Operations._sequence)
+    passed: bool = False  # readdir: a pass over the directory was made for it
+
+
+@dataclass(slots=True, eq=False)
+class _Pass:
+    """A pass over a directory in flight (see Operations._packed_pass)."""
+
+    started: int  # Operations._sequence when it started
+    done: trio.Event = dataclasses.field(default_factory=trio.Event)
+    listing: PackedListing | None = None  # the result, when the same for every reader
 
 
 _CACHED = Choice(Io.CACHED)
@@ -154,6 +168,11 @@ class Operations(pyfuse3.Operations):
         # Who is asking, kept for the next request of the same syscall.
         self.callers = callers
         self.continuations = Continuations()
+        # readdir: passes over directories in flight, by directory node, and
+        # the order of opens and passes (see _packed_pass).
+        self._passes: dict[int, _Pass] = {}
+        self._sequence = 0
+        self.shared_passes = 0  # listings taken from another opener's pass
         self.inline = inline  # None: every backing operation goes to a worker
         self.passthrough = passthrough
         # flush_is_noop: a flush of a backing file reports nothing (mount.py's
@@ -933,7 +952,8 @@ class Operations(pyfuse3.Operations):
                 return request.decision(op, prefix + name.decode("utf-8", "surrogateescape"),
                                         obj)
         fd = await self._run(act.creds, backing.opendir, node.fd, local=node)
-        return self._new_handle(Handle(fd, act.creds, node=inode, decide=decide))
+        return self._new_handle(Handle(fd, act.creds, node=inode, decide=decide,
+                                       opened=self._next_in_sequence()))
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         h = self._handle(fh)
@@ -950,8 +970,7 @@ class Operations(pyfuse3.Operations):
             # resumed at an offset.
             h.entries = None
             if h.decide is None and listing.PACKED:
-                h.entries = await self._run(h.creds, backing.list_dir_packed, h.fd,
-                                            listing.FIRST_OFF, local=local)
+                h.entries = await self._packed_pass(h, parent, local)
             else:
                 entries = await self._run(h.creds, backing.list_dir, h.fd, local=local)
                 if h.decide is not None:
@@ -997,6 +1016,48 @@ class Operations(pyfuse3.Operations):
         node = self.table.plain(parent.key[0], ino)
         return node is not None and node.parent is parent and node.name == name \
             and name in parent.cached_names
+
+    def _next_in_sequence(self) -> int:
+        """Orders directory opens and passes as the event loop handles them."""
+        self._sequence += 1
+        return self._sequence
+
+    async def _packed_pass(self, h: Handle, directory: Inode, local: Inode | None
+                           ) -> PackedListing:
+        """A pass over the directory for h, without a policy.
+
+        The first pass since opendir may take the listing of a pass another
+        opener of the same directory started after h was opened: a listing
+        must show the directory as it was at some time since opendir (POSIX
+        readdir), and getdents checks nothing of the reader (opendir checked
+        h's opener). Only a listing the same for every reader is shared:
+        every type came from the directory itself (d_type), not from an lstat
+        as the lister. Two listers of one large directory at once then cost
+        one pass. A pass on the event loop (inline) never waits, so nobody
+        can join it."""
+        first, h.passed = not h.passed, True
+        running = self._passes.get(directory.node)
+        if first and running is not None and running.started > h.opened:
+            log.debug("listing node %d: joining the pass another opener started after "
+                      "this one opened", directory.node)
+            await running.done.wait()
+            if running.listing is not None:
+                self.shared_passes += 1
+                return running.listing
+        if local is not None:
+            return await self._run(h.creds, backing.list_dir_packed, h.fd, listing.FIRST_OFF,
+                                   local=local)
+        this = self._passes[directory.node] = _Pass(self._next_in_sequence())
+        try:
+            packed, typed = await self._run(h.creds, backing.list_dir_typed, h.fd,
+                                            listing.FIRST_OFF)
+            if typed:
+                this.listing = packed
+            return packed
+        finally:
+            if self._passes.get(directory.node) is this:
+                del self._passes[directory.node]
+            this.done.set()
 
     async def _nodes_pay(self, h: Handle, parent: Inode) -> bool:
         """Would nodes given in a readdirplus reply for names in this directory
