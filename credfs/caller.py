@@ -78,7 +78,7 @@ def _read_status(tid: int) -> bytes:
             fds[tid] = fd
             return data
     try:
-        fd = os.open(f"/proc/{tid}/status", os.O_RDONLY | os.O_CLOEXEC)
+        fd = _open_status(tid)
     except OSError as exc:
         if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
             raise  # our shortage, not the caller's: the caller gets this errno
@@ -94,6 +94,43 @@ def _read_status(tid: int) -> bytes:
     if len(fds) > _KEPT_STATUS_FILES:
         os.close(fds.popitem(last=False)[1])
     return data
+
+
+# Threads whose own credentials, which /proc shows, are not those their
+# requests run with: an io_uring worker (PF_IO_WORKER) runs each request under
+# override_creds() with the submitter's credentials as they were at
+# submission, and keeps the ones the process had when the worker was made; a
+# kernel thread (PF_KTHREAD) acting for someone (nfsd, ...) does the same from
+# the kernel's own. The request header shows the subjective fsuid and fsgid,
+# so a worker made before its process left a group passes the ids check below
+# with that group still listed.
+_PF_IO_WORKER = 0x00000010
+_PF_KTHREAD = 0x00200000
+
+
+def _open_status(tid: int) -> int:
+    """/proc/<tid>/status opened, refused (CredentialError) for a thread that
+    acts under credentials other than its own. Both files are opened through
+    one /proc/<tid> directory, so they are the same thread's even if tid is
+    reused meanwhile; a kept status file stays that thread's (_StatusFiles),
+    so the check is made once per file."""
+    dir_fd = os.open(f"/proc/{tid}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        stat_fd = os.open("stat", os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            text = os.read(stat_fd, 1024)
+        finally:
+            os.close(stat_fd)
+        try:  # "tid (comm) state ppid pgrp session tty tpgid flags ...": comm may hold ") "
+            flags = int(text[text.rindex(b")") + 2:].split()[6])
+        except (ValueError, IndexError):
+            raise CredentialError(f"cannot parse /proc/{tid}/stat") from None
+        if flags & (_PF_IO_WORKER | _PF_KTHREAD):
+            raise CredentialError(f"caller tid {tid} is an io_uring worker or kernel thread: "
+                                  "its requests' credentials are not in /proc")
+        return os.open("status", os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def close_status_files() -> None:

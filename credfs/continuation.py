@@ -23,7 +23,10 @@ syscall only when all of these hold:
   symlink always: with LOOKUP_EXCL, fuse_dentry_revalidate drops a negative
   dentry). So a cached "no such name" followed by open(O_CREAT) without
   O_EXCL - the second syscall may have changed its groups before - does not
-  qualify.
+  qualify. A MKNOD of a regular file is not surely exclusive: once a CREATE
+  was answered ENOSYS (a backing filesystem that cannot make files), the
+  kernel sends MKNOD + OPEN for every open(O_CREAT) of the connection, the
+  non-exclusive ones too (mknod_is_exclusive).
 
 Anything else resolves the caller afresh. Request ids need a pyfuse3 built
 with scripts/pyfuse3-unique.patch (RequestContext.unique); without them
@@ -32,6 +35,7 @@ nothing is ever taken for one syscall.
 
 from __future__ import annotations
 
+import stat
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -47,6 +51,15 @@ class Context(Protocol):
 def request_id(ctx: Context) -> int:
     """The kernel's id of ctx's request; 0 when pyfuse3 does not give it."""
     return getattr(ctx, "unique", 0)
+
+
+def mknod_is_exclusive(mode: int) -> bool:
+    """Does a MKNOD of mode surely come from an exclusive make? mknod(2) and
+    mkfifo(3) always are, but a regular file may be an open(O_CREAT) without
+    O_EXCL: the kernel turns those into MKNOD on a connection where CREATE
+    got ENOSYS once (fuse_atomic_open, fc->no_create), and sends them with no
+    LOOKUP of their own after a cached "no such name"."""
+    return not stat.S_ISREG(mode)
 
 
 @dataclass(frozen=True, slots=True)

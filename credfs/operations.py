@@ -28,7 +28,7 @@ from pyfuse3 import FUSEError
 from . import acl, backing, caller, filters, listing, syscalls
 from .cache import CachePolicy, NameCache
 from .caller import CallerResolver
-from .continuation import Continuations
+from .continuation import Continuations, mknod_is_exclusive
 from .creds import (
     CAP_DAC_READ_SEARCH,
     CAP_SETFCAP,
@@ -412,9 +412,10 @@ class Operations(pyfuse3.Operations):
 
     async def _make(self, ctx: pyfuse3.RequestContext, parent: Inode, name: bytes,
                     is_dir: bool, make: Callable[..., backing.Found], *args: Any,
-                    umask: int = 0) -> pyfuse3.EntryAttributes:
-        """mknod, mkdir, symlink: made by the creator, entered, owner recorded."""
-        self._continuing(ctx, parent, name, exclusive=True)  # the kernel's LOOKUP_EXCL
+                    umask: int = 0, exclusive: bool = True) -> pyfuse3.EntryAttributes:
+        """mknod, mkdir, symlink: made by the creator, entered, owner recorded.
+        exclusive: surely sent with the kernel's LOOKUP_EXCL (continuation.py)."""
+        self._continuing(ctx, parent, name, exclusive)
         creds, act = self._creator(ctx, parent, name, is_dir)
         epoch = parent.search_epoch
         try:
@@ -653,7 +654,7 @@ class Operations(pyfuse3.Operations):
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.table.get(parent_inode)
         return await self._make(ctx, parent, name, False, backing.mknod, mode, rdev,
-                                umask=self._umask(ctx))
+                                umask=self._umask(ctx), exclusive=mknod_is_exclusive(mode))
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
