@@ -1031,11 +1031,12 @@ class Operations(pyfuse3.Operations):
         opener of the same directory started after h was opened: a listing
         must show the directory as it was at some time since opendir (POSIX
         readdir), and getdents checks nothing of the reader (opendir checked
-        h's opener). Only a listing the same for every reader is shared:
-        every type came from the directory itself (d_type), not from an lstat
-        as the lister. Two listers of one large directory at once then cost
-        one pass. A pass on the event loop (inline) never waits, so nobody
-        can join it."""
+        h's opener). Only a listing the same for every reader is shared: on
+        a local filesystem (a network or FUSE filesystem may list per reader,
+        as SMB's access-based enumeration does), with every type from the
+        directory itself (d_type), not from an lstat as the lister. Two
+        listers of one large directory at once then cost one pass. A pass on
+        the event loop (inline) never waits, so nobody can join it."""
         first, h.passed = not h.passed, True
         running = self._passes.get(directory.node)
         if first and running is not None and running.started > h.opened:
@@ -1045,7 +1046,7 @@ class Operations(pyfuse3.Operations):
             if running.listing is not None:
                 self.shared_passes += 1
                 return running.listing
-        if local is not None:
+        if local is not None or not self._covers(directory):
             return await self._run(h.creds, backing.list_dir_packed, h.fd, listing.FIRST_OFF,
                                    local=local)
         this = self._passes[directory.node] = _Pass(self._next_in_sequence())

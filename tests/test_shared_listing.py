@@ -4,19 +4,19 @@ pass started after the second opener's opendir, so it shows the directory as
 it was at some time since (readdir(3): names made or removed after opendir
 may or may not appear; names there at opendir must).
 
-The backing directory is a filesystem mounted inside credfs's source whose
-passes over its root wait until let, each taking the names as they are when
-it starts (helpers/listfs.py). credfs reads such a directory in a worker, so
-its pass waits there while the daemon serves the second opener.
+The daemon's passes are held at will: a fanotify group of the test's own
+asks permission for every read of the backing directory (FAN_ACCESS_PERM,
+which getdents raises before it reads), and answers the daemon's only when
+let. The directory is large enough to be read by a worker, so a held pass
+leaves the daemon free to serve the second opener.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import select
-import signal
-import subprocess
-import sys
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,64 +24,95 @@ from pathlib import Path
 
 import pyfuse3
 import pytest
-from helpers import listfs
-from helpers.mounts import CredfsMount, is_mounted, kill_and_unmount
+from helpers.mounts import CredfsMount
+
+from credfs import listing
 
 pytestmark = pytest.mark.skipif(
-    not hasattr(pyfuse3, "readdir_reply_packed") or not getattr(pyfuse3, "PARALLEL_DIROPS", 0),
-    reason="stock pyfuse3: listings are not packed (scripts/pyfuse3-readpack.patch), and "
-           "helpers/listfs.py cannot have two passes wait at once (pyfuse3-dirops.patch)")
+    not hasattr(pyfuse3, "readdir_reply_packed"),
+    reason="stock pyfuse3: listings are not packed (scripts/pyfuse3-readpack.patch)")
 
 TIMEOUT = 15.0
 JOINED = "joining the pass another opener started"
+# Long names: the directory outgrows listing.INLINE_MAX_BYTES, read by a worker.
+FILES = [f"file-with-a-name-long-enough-{i:05d}" for i in range(1500)]
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
+_libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int,
+                                ctypes.c_char_p]
+FAN_CLASS_CONTENT, FAN_CLOEXEC, FAN_NONBLOCK = 0x4, 0x1, 0x2
+FAN_MARK_ADD, FAN_ACCESS_PERM, FAN_ONDIR, FAN_ALLOW = 0x1, 0x20000, 0x40000000, 0x1
+_EVENT = struct.Struct("=IBBHQii")  # fanotify_event_metadata
 
 
-class ListFs:
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.proc = proc
+class ReadGate:
+    """Holds the reads of one directory by one process until released; other
+    readers go through at once. Counts the reads it held."""
 
-    def expect(self, line: str, timeout: float = TIMEOUT) -> bool:
-        """Read lines until `line` (True) or until none comes for timeout."""
-        assert self.proc.stdout is not None
-        while True:
-            ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+    def __init__(self, directory: Path, pid: int) -> None:
+        self.group = _libc.fanotify_init(FAN_CLASS_CONTENT | FAN_CLOEXEC | FAN_NONBLOCK,
+                                         os.O_RDONLY)
+        if self.group < 0:
+            pytest.skip(f"no fanotify permission events here: "
+                        f"{os.strerror(ctypes.get_errno())}")
+        if _libc.fanotify_mark(self.group, FAN_MARK_ADD, FAN_ACCESS_PERM | FAN_ONDIR, -1,
+                               os.fsencode(directory)) < 0:
+            os.close(self.group)
+            pytest.skip(f"cannot mark {directory}: {os.strerror(ctypes.get_errno())}")
+        self.pid = pid
+        self.holding = True
+        self.held: list[int] = []  # event fds waiting for an answer
+        self.count = 0  # reads held so far
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _answer(self, fd: int) -> None:
+        os.write(self.group, struct.pack("=iI", fd, FAN_ALLOW))
+        os.close(fd)
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            ready, _, _ = select.select([self.group], [], [], 0.05)
             if not ready:
+                continue
+            try:
+                buf = os.read(self.group, 4096)
+            except BlockingIOError:
+                continue
+            at = 0
+            while at < len(buf):
+                length, _v, _r, _m, _mask, fd, pid = _EVENT.unpack_from(buf, at)
+                at += length
+                with self.lock:
+                    if self.holding and pid == self.pid:
+                        self.held.append(fd)
+                        self.count += 1
+                        continue
+                self._answer(fd)
+
+    def wait_held(self, n: int, timeout: float = TIMEOUT) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.count < n:
+            if time.monotonic() >= deadline:
                 return False
-            got = self.proc.stdout.readline()
-            if not got:
-                return False
-            if got.strip() == line:
-                return True
+            time.sleep(0.01)
+        return True
 
-    def signal(self, signum: int) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signum)
+    def release(self) -> None:
+        with self.lock:
+            self.holding = False
+            held, self.held = self.held, []
+        for fd in held:
+            self._answer(fd)
 
-
-@pytest.fixture
-def serve_listfs() -> Iterator[Callable[[Path], ListFs]]:
-    started: list[tuple[subprocess.Popen[str], Path]] = []
-
-    def start(mnt: Path) -> ListFs:
-        proc = subprocess.Popen([sys.executable, listfs.__file__, str(mnt)],
-                                stdout=subprocess.PIPE, text=True)
-        started.append((proc, mnt))
-        fs = ListFs(proc)
-        assert fs.expect("ready"), "listfs did not start"
-        deadline = time.monotonic() + TIMEOUT
-        while not is_mounted(mnt):
-            assert time.monotonic() < deadline, "listfs did not mount"
-            time.sleep(0.02)
-        return fs
-
-    yield start
-    for proc, mnt in started:
-        kill_and_unmount(mnt, [proc.pid])
-        try:
-            proc.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    def close(self) -> None:
+        self.release()
+        self.stop.set()
+        self.thread.join(TIMEOUT)
+        os.close(self.group)
 
 
 class Lister(threading.Thread):
@@ -109,75 +140,65 @@ def _logged(mount: CredfsMount, text: str, timeout: float = TIMEOUT) -> bool:
 
 
 @pytest.fixture
-def setup(backing: Path, mnt: Path, serve_listfs: Callable[[Path], ListFs],
-          mount_credfs: Callable[..., CredfsMount]) -> tuple[ListFs, Path, CredfsMount]:
-    (backing / "m").mkdir()
-    fs = serve_listfs(backing / "m")
+def setup(backing: Path, mnt: Path, mount_credfs: Callable[..., CredfsMount]
+          ) -> Iterator[tuple[ReadGate, Path, Path, CredfsMount]]:
+    d = backing / "d"
+    d.mkdir()
+    for name in FILES:
+        (d / name).touch()
+    assert os.stat(d).st_size > listing.INLINE_MAX_BYTES
     m = mount_credfs("--log-level", "debug")
-    assert sorted(os.listdir(mnt / "m")) == sorted(n.decode() for n in listfs.NAMES)
-    fs.signal(signal.SIGUSR2)
-    assert fs.expect("armed")
-    return fs, mnt / "m", m
-
-
-def _run_listers(fs: ListFs, steps: Callable[[], None], listers: list[Lister]) -> None:
-    """steps(), then let every pass answer and wait for the listers (bounded)."""
+    assert m.pid is not None
+    gate = ReadGate(d, m.pid)
     try:
-        steps()
+        yield gate, d, mnt / "d", m
     finally:
-        fs.signal(signal.SIGUSR1)
-        for t in listers:
-            t.join(TIMEOUT)
+        gate.close()
+
+
+def _listers_done(gate: ReadGate, listers: list[Lister]) -> None:
+    gate.release()
+    for t in listers:
+        t.join(TIMEOUT)
     assert not any(t.is_alive() for t in listers), "a listing did not end once let"
 
 
 def test_a_pass_started_before_an_opendir_is_not_shared_with_it(
-        setup: tuple[ListFs, Path, CredfsMount]) -> None:
-    fs, via, m = setup
+        setup: tuple[ReadGate, Path, Path, CredfsMount]) -> None:
+    gate, direct, via, m = setup
     fds = [os.open(via, os.O_RDONLY | os.O_DIRECTORY)]
     listers = [Lister(fds[0])]
-
-    def steps() -> None:
+    try:
         listers[0].start()
-        assert fs.expect("stalled 1"), "the first listing never reached the backing"
-        fs.signal(signal.SIGHUP)
-        assert fs.expect("made")
+        assert gate.wait_held(1), "the first listing never read the backing directory"
+        (direct / "made").touch()
         fds.append(os.open(via, os.O_RDONLY | os.O_DIRECTORY))  # after the pass started
         listers.append(Lister(fds[1]))
         listers[1].start()
-        assert fs.expect("stalled 2"), \
-            "the second opener took a pass that started before its opendir"
-
-    try:
-        _run_listers(fs, steps, listers)
+        assert gate.wait_held(2), "the second opener took a pass that started before its opendir"
     finally:
+        _listers_done(gate, listers)
         for fd in fds:
             os.close(fd)
-    a, b = (t.names for t in listers)
-    assert isinstance(a, set) and "made" not in a, a
+    b = listers[1].names
     # "made" was there before the second opendir: its listing must show it.
-    assert isinstance(b, set) and "made" in b, b
+    assert isinstance(b, set) and b == set(FILES) | {"made"}, b
     assert JOINED not in m.log
 
 
 def test_openers_listing_at_once_share_one_pass(
-        setup: tuple[ListFs, Path, CredfsMount]) -> None:
-    fs, via, m = setup
+        setup: tuple[ReadGate, Path, Path, CredfsMount]) -> None:
+    gate, _direct, via, m = setup
     fds = [os.open(via, os.O_RDONLY | os.O_DIRECTORY) for _ in range(2)]
     a, b = Lister(fds[0]), Lister(fds[1])
     try:
-        def steps() -> None:
-            a.start()
-            assert fs.expect("stalled 1"), "the first listing never reached the backing"
-            # Made after both opendirs: either listing may or may not show it.
-            fs.signal(signal.SIGHUP)
-            assert fs.expect("made")
-            b.start()
-            assert _logged(m, JOINED), "the second listing did not take the first's pass"
-        _run_listers(fs, steps, [a, b])
+        a.start()
+        assert gate.wait_held(1), "the first listing never read the backing directory"
+        b.start()
+        assert _logged(m, JOINED), "the second listing did not take the first's pass"
+        assert gate.count == 1
     finally:
+        _listers_done(gate, [a, b])
         for fd in fds:
             os.close(fd)
-    assert isinstance(a.names, set) and a.names == b.names, (a.names, b.names)
-    assert "made" not in a.names  # one pass, started before it was made
-    assert a.names == {n.decode() for n in listfs.NAMES}
+    assert a.names == b.names == set(FILES), (a.names, b.names)
