@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from helpers.agents import USERS, Identity, UserAgent
+from helpers.helperfs import HelperFs, start_helper_fs
 from helpers.mounts import CredfsMount, lazy_umount, mounts
 
 
@@ -158,3 +159,21 @@ def make_agent() -> Iterator[AgentFactory]:
 def agents(users: dict[str, Identity], make_agent: AgentFactory) -> dict[str, UserAgent]:
     """One agent per identity in `users`, umask 022, keyed by name."""
     return {name: make_agent(ident) for name, ident in users.items()}
+
+
+@pytest.fixture
+def helper_fs() -> Iterator[Callable[..., HelperFs]]:
+    """helper_fs(script, mountpoint, *args) -> a helper filesystem serving
+    there (helpers/helperfs.py); every one started is ended at teardown."""
+    started: list[HelperFs] = []
+
+    def start(script: str, mountpoint: Path, *args: str) -> HelperFs:
+        fs = start_helper_fs(script, mountpoint, *args)
+        started.append(fs)
+        return fs
+
+    try:
+        yield start
+    finally:
+        for fs in reversed(started):
+            fs.stop()

@@ -20,16 +20,14 @@ import json
 import os
 import select
 import stat
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pyfuse3
 import pytest
 from helpers import recordfs
-from helpers.mounts import CredfsMount, is_mounted, kill_and_unmount
+from helpers.helperfs import HelperFs
+from helpers.mounts import CredfsMount
 
 pytestmark = pytest.mark.skipif(
     "unique" not in dir(pyfuse3.RequestContext),
@@ -42,33 +40,14 @@ UID = GID = 2001
 
 
 @pytest.fixture
-def serve_recordfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
-    started: list[tuple[subprocess.Popen[str], Path]] = []
-
+def serve_recordfs(tmp_path: Path, helper_fs: Callable[..., HelperFs]) -> Callable[[str], Path]:
     def start(mode: str) -> Path:
         mnt = tmp_path / f"recordfs-{mode}"
         mnt.mkdir()
-        proc = subprocess.Popen([sys.executable, recordfs.__file__, str(mnt), mode],
-                                stdout=subprocess.PIPE, text=True)
-        started.append((proc, mnt))
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT)
-        assert ready and proc.stdout.readline().strip() == "ready", "recordfs did not start"
-        deadline = time.monotonic() + START_TIMEOUT
-        while not is_mounted(mnt):
-            assert time.monotonic() < deadline, "recordfs did not mount"
-            time.sleep(0.02)
+        helper_fs(recordfs.__file__, mnt, mode)
         records(mnt)  # whatever mounting caused
         return mnt
-
-    yield start
-    for proc, mnt in started:
-        kill_and_unmount(mnt, [proc.pid])
-        try:
-            proc.wait(timeout=START_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    return start
 
 
 def records(mnt: Path) -> list[tuple[str, int, int, str]]:

@@ -12,68 +12,28 @@ name in that directory does not wait either.
 from __future__ import annotations
 
 import os
-import select
 import signal
-import subprocess
-import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pyfuse3
 import pytest
 from helpers import stallfs
-from helpers.mounts import is_mounted, kill_and_unmount
+from helpers.helperfs import HelperFs
 
 pytestmark = pytest.mark.skipif(
     not getattr(pyfuse3, "PARALLEL_DIROPS", False),
     reason="stock pyfuse3: no FUSE_PARALLEL_DIROPS (scripts/pyfuse3-dirops.patch not built)")
 
-START_TIMEOUT = 15.0
 # Far longer than a lookup takes on any machine: a lookup still waiting then
 # waits on the other one.
 LOOKUP_TIMEOUT = 10.0
 
 
-class StallFs:
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.proc = proc
-
-    def line(self, timeout: float = START_TIMEOUT) -> str:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        return self.proc.stdout.readline().strip() if ready else ""
-
-    def release(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGUSR1)
-
-
 @pytest.fixture
-def serve_stallfs() -> Iterator[Callable[[Path], StallFs]]:
-    started: list[tuple[subprocess.Popen[str], Path]] = []
-
-    def start(mnt: Path) -> StallFs:
-        proc = subprocess.Popen([sys.executable, stallfs.__file__, str(mnt)],
-                                stdout=subprocess.PIPE, text=True)
-        started.append((proc, mnt))
-        fs = StallFs(proc)
-        assert fs.line() == "ready", "stallfs did not start"
-        deadline = time.monotonic() + START_TIMEOUT
-        while not is_mounted(mnt):
-            assert time.monotonic() < deadline, "stallfs did not mount"
-            time.sleep(0.02)
-        return fs
-
-    yield start
-    for proc, mnt in started:
-        kill_and_unmount(mnt, [proc.pid])
-        try:
-            proc.wait(timeout=START_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def serve_stallfs(helper_fs: Callable[..., HelperFs]) -> Callable[[Path], HelperFs]:
+    return lambda mnt: helper_fs(stallfs.__file__, mnt)
 
 
 class Stat(threading.Thread):
@@ -91,7 +51,7 @@ class Stat(threading.Thread):
             self.result = exc
 
 
-def lookups_side_by_side(slow_fs: StallFs, slow_path: Path, other_path: Path
+def lookups_side_by_side(slow_fs: HelperFs, slow_path: Path, other_path: Path
                          ) -> os.stat_result:
     """Stat slow_path (its lookup waits on stallfs), then other_path in the same
     directory meanwhile: other_path's result, asserting it did not wait."""
@@ -106,7 +66,7 @@ def lookups_side_by_side(slow_fs: StallFs, slow_path: Path, other_path: Path
             f"the lookup of {other_path} waited for {slow_path}'s slow lookup"
         assert slow.is_alive(), "the slow lookup was not slow: the test proves nothing"
     finally:
-        slow_fs.release()
+        slow_fs.signal(signal.SIGUSR1)
         slow.join(LOOKUP_TIMEOUT)
         other.join(LOOKUP_TIMEOUT)
     assert not slow.is_alive(), "the slow lookup did not end once let"
@@ -116,7 +76,7 @@ def lookups_side_by_side(slow_fs: StallFs, slow_path: Path, other_path: Path
 
 
 def test_a_slow_lookup_holds_up_no_other_in_its_directory(
-        backing: Path, mnt: Path, serve_stallfs: Callable[[Path], StallFs],
+        backing: Path, mnt: Path, serve_stallfs: Callable[[Path], HelperFs],
         mount_credfs: Callable[..., object]) -> None:
     d = backing / "d"
     (d / "slow").mkdir(parents=True)

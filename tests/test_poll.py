@@ -13,55 +13,32 @@ getxattr, itself one request.
 from __future__ import annotations
 
 import os
-import select
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pyfuse3
 import pytest
 from helpers import pollfs
-from helpers.mounts import is_mounted, kill_and_unmount
+from helpers.helperfs import HelperFs
 
 pytestmark = pytest.mark.skipif(
     not hasattr(pyfuse3, "poll_window_us"),
     reason="stock pyfuse3: main() has no poll_us (scripts/pyfuse3-sessionpoll.patch not built)")
 
-START_TIMEOUT = 15.0
 # Far above any gap between a reply and the next request of a process that
 # stats in a loop, however loaded the machine: the window must open.
 POLL_US = 5000
 
 
 @pytest.fixture
-def serve_pollfs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
-    started: list[tuple[subprocess.Popen[str], Path]] = []
-
+def serve_pollfs(tmp_path: Path, helper_fs: Callable[..., HelperFs]) -> Callable[[int], Path]:
     def start(poll_us: int) -> Path:
-        mnt = tmp_path / f"pollfs{len(started)}"
+        mnt = tmp_path / f"pollfs-{poll_us}"
         mnt.mkdir()
-        proc = subprocess.Popen([sys.executable, pollfs.__file__, str(mnt), str(poll_us)],
-                                stdout=subprocess.PIPE, text=True)
-        started.append((proc, mnt))
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT)
-        assert ready and proc.stdout.readline().strip() == "ready", "pollfs did not start"
-        deadline = time.monotonic() + START_TIMEOUT
-        while not is_mounted(mnt):
-            assert time.monotonic() < deadline, "pollfs did not mount"
-            time.sleep(0.02)
+        helper_fs(pollfs.__file__, mnt, str(poll_us))
         return mnt
-
-    yield start
-    for proc, mnt in started:
-        kill_and_unmount(mnt, [proc.pid])
-        try:
-            proc.wait(timeout=START_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    return start
 
 
 def window_us(mnt: Path) -> int:

@@ -12,22 +12,19 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
-import select
 import shutil
 import signal
 import stat
 import struct
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import slowdirfs
-from helpers.mounts import is_mounted, kill_and_unmount
+from helpers.helperfs import HelperFs
 
 START_TIMEOUT = 15.0
 # Far longer than a stat takes on any machine: a stat still waiting then waits
@@ -36,47 +33,27 @@ WAIT_TIMEOUT = 10.0
 
 
 class SlowFs:
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.proc = proc
+    """helpers/slowdirfs.py serving: armed, it holds its root's requests until
+    released."""
+
+    def __init__(self, fs: HelperFs) -> None:
+        self.fs = fs
+        self.proc = fs.proc
 
     def line(self, timeout: float = START_TIMEOUT) -> str:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        return self.proc.stdout.readline().strip() if ready else ""
+        return self.fs.line(timeout)
 
     def arm(self) -> None:
-        self.proc.send_signal(signal.SIGUSR2)
+        self.fs.signal(signal.SIGUSR2)
         assert self.line() == "armed", "slowdirfs was not armed"
 
     def release(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGUSR1)
+        self.fs.signal(signal.SIGUSR1)
 
 
 @pytest.fixture
-def serve_slowfs() -> Iterator[Callable[[Path], SlowFs]]:
-    started: list[tuple[subprocess.Popen[str], Path]] = []
-
-    def start(mnt: Path) -> SlowFs:
-        proc = subprocess.Popen([sys.executable, slowdirfs.__file__, str(mnt)],
-                                stdout=subprocess.PIPE, text=True)
-        started.append((proc, mnt))
-        fs = SlowFs(proc)
-        assert fs.line() == "ready", "slowdirfs did not start"
-        deadline = time.monotonic() + START_TIMEOUT
-        while not is_mounted(mnt):
-            assert time.monotonic() < deadline, "slowdirfs did not mount"
-            time.sleep(0.02)
-        return fs
-
-    yield start
-    for proc, mnt in started:
-        kill_and_unmount(mnt, [proc.pid])
-        try:
-            proc.wait(timeout=START_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def serve_slowfs(helper_fs: Callable[..., HelperFs]) -> Callable[[Path], SlowFs]:
+    return lambda mnt: SlowFs(helper_fs(slowdirfs.__file__, mnt))
 
 
 class Call(threading.Thread):

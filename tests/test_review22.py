@@ -26,16 +26,15 @@ import errno
 import os
 import select
 import stat
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pyfuse3
 import pytest
 from helpers import enosysfs, uring
-from helpers.mounts import CredfsMount, is_mounted, kill_and_unmount
+from helpers.helperfs import HelperFs
+from helpers.mounts import CredfsMount
 
 TIMEOUT = 15.0
 GROUP = 3001  # the directory's group: its members may create in it
@@ -118,30 +117,11 @@ def _stat_leave_create(path: Path) -> Callable[[], int]:
 
 
 @pytest.fixture
-def enosys_mount() -> Iterator[Callable[[Path], None]]:
-    started: list[tuple[subprocess.Popen[str], Path]] = []
-
+def enosys_mount(helper_fs: Callable[..., HelperFs]) -> Callable[[Path], None]:
     def start(mnt: Path) -> None:
         mnt.mkdir()
-        proc = subprocess.Popen([sys.executable, enosysfs.__file__, str(mnt)],
-                                stdout=subprocess.PIPE, text=True)
-        started.append((proc, mnt))
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], TIMEOUT)
-        assert ready and proc.stdout.readline().strip() == "ready", "enosysfs did not start"
-        deadline = time.monotonic() + TIMEOUT
-        while not is_mounted(mnt):
-            assert time.monotonic() < deadline, "enosysfs did not mount"
-            time.sleep(0.02)
-
-    yield start
-    for proc, mnt in started:
-        kill_and_unmount(mnt, [proc.pid])
-        try:
-            proc.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        helper_fs(enosysfs.__file__, mnt)
+    return start
 
 
 @pytest.mark.skipif("unique" not in dir(pyfuse3.RequestContext),
