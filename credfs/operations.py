@@ -115,8 +115,6 @@ class Handle:
     owners: dict[bytes, int | None] | None = None  # readdir: recorded owners of entries
     listed_views: dict[bytes, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     listed_refused: set[bytes] = dataclasses.field(default_factory=set)  # listed, lookup denied
-    opened: int = 0  # readdir: when the directory was opened (Operations._sequence)
-    passed: bool = False  # readdir: a pass over the directory was made for it
 
 
 @dataclass(slots=True, eq=False)
@@ -126,6 +124,14 @@ class _Pass:
     started: int  # Operations._sequence when it started
     done: trio.Event = dataclasses.field(default_factory=trio.Event)
     listing: PackedListing | None = None  # the result, when the same for every reader
+    # Set by the worker before its first getdents: from then on what it reads
+    # may predate a joiner's rewinddir, which the daemon never hears of.
+    reading: bool = False
+
+    def read(self, dir_fh: int) -> tuple[PackedListing, bool]:
+        """backing.list_dir_typed from the start, in the worker."""
+        self.reading = True
+        return backing.list_dir_typed(dir_fh, listing.FIRST_OFF)
 
 
 _CACHED = Choice(Io.CACHED)
@@ -953,8 +959,7 @@ class Operations(pyfuse3.Operations):
                 return request.decision(op, prefix + name.decode("utf-8", "surrogateescape"),
                                         obj)
         fd = await self._run(act.creds, backing.opendir, node.fd, local=node)
-        return self._new_handle(Handle(fd, act.creds, node=inode, decide=decide,
-                                       opened=self._next_in_sequence()))
+        return self._new_handle(Handle(fd, act.creds, node=inode, decide=decide))
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         h = self._handle(fh)
@@ -1027,21 +1032,27 @@ class Operations(pyfuse3.Operations):
                            ) -> PackedListing:
         """A pass over the directory for h, without a policy.
 
-        The first pass since opendir may take the listing of a pass another
-        opener of the same directory started after h was opened: a listing
-        must show the directory as it was at some time since opendir (POSIX
-        readdir), and getdents checks nothing of the reader (opendir checked
-        h's opener). Only a listing the same for every reader is shared: on
-        a local filesystem (a network or FUSE filesystem may list per reader,
-        as SMB's access-based enumeration does), with every type from the
+        It may take the listing of a pass another opener of the same
+        directory started that has not begun reading yet (it waits for a
+        worker): a listing must show the directory as it was at some time
+        since opendir or the last rewinddir (POSIX readdir), and getdents
+        checks nothing of the reader (opendir checked h's opener). Only a
+        listing the same for every reader is shared: on a local filesystem
+        (a network or FUSE filesystem may list per reader, as SMB's
+        access-based enumeration does), with every type from the
         directory itself (d_type), not from an lstat as the lister. Two
         listers of one large directory at once then cost one pass. A pass on
         the event loop (inline) never waits, so nobody can join it."""
-        first, h.passed = not h.passed, True
+        # Only a pass that has not begun reading yet: a rewinddir or
+        # seekdir(0) is an lseek the kernel keeps to itself, and after it the
+        # listing must show the directory as it is now, as after an opendir;
+        # a pass that began before this request may have read before such a
+        # rewind (test_review23). A pass that begins after the request came
+        # reads after any rewind before it.
         running = self._passes.get(directory.node)
-        if first and running is not None and running.started > h.opened:
-            log.debug("listing node %d: joining the pass another opener started after "
-                      "this one opened", directory.node)
+        if running is not None and not running.reading:
+            log.debug("listing node %d: joining the pass another opener started, "
+                      "before it reads", directory.node)
             await running.done.wait()
             if running.listing is not None:
                 self.shared_passes += 1
@@ -1051,8 +1062,7 @@ class Operations(pyfuse3.Operations):
                                    local=local)
         this = self._passes[directory.node] = _Pass(self._next_in_sequence())
         try:
-            packed, typed = await self._run(h.creds, backing.list_dir_typed, h.fd,
-                                            listing.FIRST_OFF)
+            packed, typed = await self._run(h.creds, this.read, h.fd)
             if typed:
                 this.listing = packed
             return packed

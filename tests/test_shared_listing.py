@@ -187,18 +187,31 @@ def test_a_pass_started_before_an_opendir_is_not_shared_with_it(
 
 
 def test_openers_listing_at_once_share_one_pass(
-        setup: tuple[ReadGate, Path, Path, CredfsMount]) -> None:
-    gate, _direct, via, m = setup
-    fds = [os.open(via, os.O_RDONLY | os.O_DIRECTORY) for _ in range(2)]
-    a, b = Lister(fds[0]), Lister(fds[1])
+        backing: Path, mnt: Path, mount_credfs: Callable[..., CredfsMount]) -> None:
+    """Only a pass that has not begun reading is shared (a rewinddir the
+    daemon never hears of may come before the joiner's READDIR: see
+    test_review23): the one worker is held reading another directory, so the
+    first opener's pass waits for it while the second opener comes."""
+    other, d = backing / "other", backing / "d"
+    for directory in (other, d):
+        directory.mkdir()
+        for name in FILES:
+            (directory / name).touch()
+    m = mount_credfs("--log-level", "debug", "--workers", "1")
+    assert m.pid is not None
+    gate = ReadGate(other, m.pid)
+    fds = [os.open(mnt / "other", os.O_RDONLY | os.O_DIRECTORY)]
+    fds += [os.open(mnt / "d", os.O_RDONLY | os.O_DIRECTORY) for _ in range(2)]
+    busy, a, b = (Lister(fd) for fd in fds)
     try:
+        busy.start()
+        assert gate.wait_held(1), "the worker never read the other directory"
         a.start()
-        assert gate.wait_held(1), "the first listing never read the backing directory"
-        b.start()
+        b.start()  # whichever comes second joins the other's queued pass
         assert _logged(m, JOINED), "the second listing did not take the first's pass"
-        assert gate.count == 1
     finally:
-        _listers_done(gate, [a, b])
+        _listers_done(gate, [busy, a, b])
+        gate.close()
         for fd in fds:
             os.close(fd)
     assert a.names == b.names == set(FILES), (a.names, b.names)
