@@ -432,20 +432,13 @@ except ImportError:
 def list_dir_packed(dir_fh: int, first_off: int) -> PackedListing:
     """list_dir's entries as a pyfuse3.PackedListing (needs a pyfuse3 built
     with scripts/pyfuse3-readpack.patch) whose first entry has offset first_off."""
-    return list_dir_typed(dir_fh, first_off)[0]
-
-
-def list_dir_typed(dir_fh: int, first_off: int) -> tuple[PackedListing, bool]:
-    """list_dir_packed, and whether the directory gave every entry's type
-    itself (d_type): only then is the listing the same for every reader."""
     assert _listdir_packed is not None
     packed = _listdir_packed(dir_fh, first_off)
-    typed = not packed.unknown_types
-    if not typed:  # d_type unknown: the type as the caller can lstat it
+    if packed.unknown_types:  # d_type unknown: the type as the caller can lstat it
         for i, (name, type_bits, _ino) in enumerate(packed.entries()):
             if not type_bits:
                 packed.set_type(i, _lstat_type(dir_fh, name))
-    return packed, typed
+    return packed
 
 
 def _lstat_type(dir_fh: int, name: bytes) -> int:

@@ -261,7 +261,6 @@ def serve(opts: MountOptions, ready: Ready) -> int:
         if ops.callers is not None:
             log.info("callers: %d read from /proc, %d carried to the next request of "
                      "their syscall", ops.callers.read, ops.callers.carried)
-        log.info("listings: %d taken from another opener's pass", ops.shared_passes)
         ops.as_daemon()  # unmounting needs the daemon's own capabilities
         if watch is not None:
             watch.close()

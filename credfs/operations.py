@@ -19,7 +19,7 @@ import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import pyfuse3
 import trio
@@ -47,9 +47,6 @@ from .passthrough import Choice, Io, Passthrough, binding_supports, kills_setid,
 from .policy import Decision, ObjectFacts
 from .pressure import DescriptorPressure
 from .workers import WorkerPool
-
-if TYPE_CHECKING:
-    from pyfuse3 import PackedListing
 
 log = logging.getLogger(__name__)
 
@@ -117,23 +114,6 @@ class Handle:
     listed_refused: set[bytes] = dataclasses.field(default_factory=set)  # listed, lookup denied
 
 
-@dataclass(slots=True, eq=False)
-class _Pass:
-    """A pass over a directory in flight (see Operations._packed_pass)."""
-
-    started: int  # Operations._sequence when it started
-    done: trio.Event = dataclasses.field(default_factory=trio.Event)
-    listing: PackedListing | None = None  # the result, when the same for every reader
-    # Set by the worker before its first getdents: from then on what it reads
-    # may predate a joiner's rewinddir, which the daemon never hears of.
-    reading: bool = False
-
-    def read(self, dir_fh: int) -> tuple[PackedListing, bool]:
-        """backing.list_dir_typed from the start, in the worker."""
-        self.reading = True
-        return backing.list_dir_typed(dir_fh, listing.FIRST_OFF)
-
-
 _CACHED = Choice(Io.CACHED)
 _CAPS_XATTR = b"security.capability"
 # Filesystems whose xattr handlers check nothing of the reader (see
@@ -174,11 +154,6 @@ class Operations(pyfuse3.Operations):
         # Who is asking, kept for the next request of the same syscall.
         self.callers = callers
         self.continuations = Continuations()
-        # readdir: passes over directories in flight, by directory node, and
-        # the order of opens and passes (see _packed_pass).
-        self._passes: dict[int, _Pass] = {}
-        self._sequence = 0
-        self.shared_passes = 0  # listings taken from another opener's pass
         self.inline = inline  # None: every backing operation goes to a worker
         self.passthrough = passthrough
         # flush_is_noop: a flush of a backing file reports nothing (mount.py's
@@ -976,7 +951,8 @@ class Operations(pyfuse3.Operations):
             # resumed at an offset.
             h.entries = None
             if h.decide is None and listing.PACKED:
-                h.entries = await self._packed_pass(h, parent, local)
+                h.entries = await self._run(h.creds, backing.list_dir_packed, h.fd,
+                                            listing.FIRST_OFF, local=local)
             else:
                 entries = await self._run(h.creds, backing.list_dir, h.fd, local=local)
                 if h.decide is not None:
@@ -1022,54 +998,6 @@ class Operations(pyfuse3.Operations):
         node = self.table.plain(parent.key[0], ino)
         return node is not None and node.parent is parent and node.name == name \
             and name in parent.cached_names
-
-    def _next_in_sequence(self) -> int:
-        """Orders directory opens and passes as the event loop handles them."""
-        self._sequence += 1
-        return self._sequence
-
-    async def _packed_pass(self, h: Handle, directory: Inode, local: Inode | None
-                           ) -> PackedListing:
-        """A pass over the directory for h, without a policy.
-
-        It may take the listing of a pass another opener of the same
-        directory started that has not begun reading yet (it waits for a
-        worker): a listing must show the directory as it was at some time
-        since opendir or the last rewinddir (POSIX readdir), and getdents
-        checks nothing of the reader (opendir checked h's opener). Only a
-        listing the same for every reader is shared: on a local filesystem
-        (a network or FUSE filesystem may list per reader, as SMB's
-        access-based enumeration does), with every type from the
-        directory itself (d_type), not from an lstat as the lister. Two
-        listers of one large directory at once then cost one pass. A pass on
-        the event loop (inline) never waits, so nobody can join it."""
-        # Only a pass that has not begun reading yet: a rewinddir or
-        # seekdir(0) is an lseek the kernel keeps to itself, and after it the
-        # listing must show the directory as it is now, as after an opendir;
-        # a pass that began before this request may have read before such a
-        # rewind (test_review23). A pass that begins after the request came
-        # reads after any rewind before it.
-        running = self._passes.get(directory.node)
-        if running is not None and not running.reading:
-            log.debug("listing node %d: joining the pass another opener started, "
-                      "before it reads", directory.node)
-            await running.done.wait()
-            if running.listing is not None:
-                self.shared_passes += 1
-                return running.listing
-        if local is not None or not self._covers(directory):
-            return await self._run(h.creds, backing.list_dir_packed, h.fd, listing.FIRST_OFF,
-                                   local=local)
-        this = self._passes[directory.node] = _Pass(self._next_in_sequence())
-        try:
-            packed, typed = await self._run(h.creds, this.read, h.fd)
-            if typed:
-                this.listing = packed
-            return packed
-        finally:
-            if self._passes.get(directory.node) is this:
-                del self._passes[directory.node]
-            this.done.set()
 
     async def _nodes_pay(self, h: Handle, parent: Inode) -> bool:
         """Would nodes given in a readdirplus reply for names in this directory

@@ -1,10 +1,11 @@
-"""review23: shared listings (Operations._packed_pass) against rewinddir.
+"""review23: a listing against rewinddir, with another opener's pass in flight.
 
 A rewinddir (or seekdir(0)) is an lseek on the FUSE file: the kernel does not
 tell the daemon. After it, POSIX wants the listing to show the directory's
-current state, as a new opendir would; a name removed before the rewind must
-not appear. CPython's os.listdir(fd) and os.scandir(fd) rewind before they
-read, so this is the common way to list an already open directory.
+current state, as a new opendir would. CPython's os.listdir(fd) and
+os.scandir(fd) rewind before they read, so this is the common way to list an
+already open directory. It failed when credfs let a listing take a pass
+another opener had started (since dropped: see test_listing_freshness).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import pyfuse3
 import pytest
 from helpers.mounts import CredfsMount
-from test_shared_listing import FILES, TIMEOUT, Lister, ReadGate
+from test_listing_freshness import FILES, TIMEOUT, Lister, ReadGate
 
 from credfs import listing
 
@@ -50,7 +51,7 @@ class SecondReadGate(ReadGate):
     def _serve(self) -> None:
         import select
 
-        from test_shared_listing import _EVENT
+        from test_listing_freshness import _EVENT
         while not self.stop.is_set():
             ready, _, _ = select.select([self.group], [], [], 0.05)
             if not ready:
