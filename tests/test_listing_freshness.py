@@ -87,11 +87,15 @@ class ReadGate:
                 length, _v, _r, _m, _mask, fd, pid = _EVENT.unpack_from(buf, at)
                 at += length
                 with self.lock:
-                    if self.holding and pid == self.pid:
+                    if self.holding and pid == self.pid and self._hold():
                         self.held.append(fd)
                         self.count += 1
                         continue
                 self._answer(fd)
+
+    def _hold(self) -> bool:
+        """Hold this read of the process (called under the lock)?"""
+        return True
 
     def wait_held(self, n: int, timeout: float = TIMEOUT) -> bool:
         deadline = time.monotonic() + timeout

@@ -38,33 +38,11 @@ class SecondReadGate(ReadGate):
         self.passed = 0
         super().__init__(directory, pid)
 
-    def _answer_or_hold(self, fd: int, pid: int) -> None:
-        with self.lock:
-            if self.holding and pid == self.pid:
-                if self.passed >= SKIP:
-                    self.held.append(fd)
-                    self.count += 1
-                    return
-                self.passed += 1
-        self._answer(fd)
-
-    def _serve(self) -> None:
-        import select
-
-        from test_listing_freshness import _EVENT
-        while not self.stop.is_set():
-            ready, _, _ = select.select([self.group], [], [], 0.05)
-            if not ready:
-                continue
-            try:
-                buf = os.read(self.group, 4096)
-            except BlockingIOError:
-                continue
-            at = 0
-            while at < len(buf):
-                length, _v, _r, _m, _mask, fd, pid = _EVENT.unpack_from(buf, at)
-                at += length
-                self._answer_or_hold(fd, pid)
+    def _hold(self) -> bool:
+        if self.passed >= SKIP:
+            return True
+        self.passed += 1
+        return False
 
 
 def _early_name(d: Path) -> str:

@@ -12,12 +12,15 @@ daemon acting for users can reach it.
 from __future__ import annotations
 
 import errno
-import signal
 import stat
 import sys
 
 import pyfuse3
-import trio
+
+try:
+    from . import fsmain  # imported by a test (helpers.<name>)
+except ImportError:
+    import fsmain  # run as a script: this directory is on sys.path
 
 
 class EnosysFs(pyfuse3.Operations):
@@ -35,26 +38,9 @@ class EnosysFs(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENOENT)
 
 
-async def _serve() -> None:
-    async with trio.open_nursery() as nursery:
-        async def stop_on_signal() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for _ in signals:
-                    pyfuse3.terminate()
-                    return
-        nursery.start_soon(stop_on_signal)
-        print("ready", flush=True)
-        await pyfuse3.main(min_tasks=1, max_tasks=2)
-        nursery.cancel_scope.cancel()
-
-
 def main() -> None:
-    pyfuse3.init(EnosysFs(), sys.argv[1], ["fsname=enosysfs", "allow_other"])
-    try:
-        trio.run(_serve)
-    finally:
-        pyfuse3.close(unmount=True)
-
+    fsmain.serve(EnosysFs(), sys.argv[1], ["fsname=enosysfs", "allow_other"],
+                 min_tasks=1, max_tasks=2)
 
 if __name__ == "__main__":
     main()

@@ -12,12 +12,15 @@ SIGTERM ends it and unmounts.
 from __future__ import annotations
 
 import errno
-import signal
 import stat
 import sys
 
 import pyfuse3
-import trio
+
+try:
+    from . import fsmain  # imported by a test (helpers.<name>)
+except ImportError:
+    import fsmain  # run as a script: this directory is on sys.path
 
 WINDOW_XATTR = b"user.poll.window_us"
 FILES = 10
@@ -52,27 +55,9 @@ class PollFs(pyfuse3.Operations):
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
 
-async def _serve(poll_us: int) -> None:
-    async with trio.open_nursery() as nursery:
-        async def stop_on_signal() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for _ in signals:
-                    pyfuse3.terminate()
-                    return
-        nursery.start_soon(stop_on_signal)
-        print("ready", flush=True)
-        await pyfuse3.main(min_tasks=2, max_tasks=8, poll_us=poll_us)
-        nursery.cancel_scope.cancel()
-
-
 def main() -> None:
     mountpoint, poll_us = sys.argv[1], int(sys.argv[2])
-    pyfuse3.init(PollFs(), mountpoint, ["fsname=pollfs"])
-    try:
-        trio.run(_serve, poll_us)
-    finally:
-        pyfuse3.close(unmount=True)
-
+    fsmain.serve(PollFs(), mountpoint, ["fsname=pollfs"], poll_us=poll_us)
 
 if __name__ == "__main__":
     main()

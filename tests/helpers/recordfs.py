@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import errno
 import json
-import signal
 import stat
 import sys
 
 import pyfuse3
-import trio
+
+try:
+    from . import fsmain  # imported by a test (helpers.<name>)
+except ImportError:
+    import fsmain  # run as a script: this directory is on sys.path
 
 RECORD_XATTR = b"user.record"
 
@@ -91,27 +94,9 @@ class RecordFs(pyfuse3.Operations):
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
 
-async def _serve() -> None:
-    async with trio.open_nursery() as nursery:
-        async def stop_on_signal() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for _ in signals:
-                    pyfuse3.terminate()
-                    return
-        nursery.start_soon(stop_on_signal)
-        print("ready", flush=True)
-        await pyfuse3.main(min_tasks=2, max_tasks=8)
-        nursery.cancel_scope.cancel()
-
-
 def main() -> None:
     mountpoint, mode = sys.argv[1], sys.argv[2]
-    pyfuse3.init(RecordFs(cached=mode == "cached"), mountpoint, ["fsname=recordfs"])
-    try:
-        trio.run(_serve)
-    finally:
-        pyfuse3.close(unmount=True)
-
+    fsmain.serve(RecordFs(cached=mode == "cached"), mountpoint, ["fsname=recordfs"])
 
 if __name__ == "__main__":
     main()

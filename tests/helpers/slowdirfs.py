@@ -20,6 +20,11 @@ import sys
 import pyfuse3
 import trio
 
+try:
+    from . import fsmain  # imported by a test (helpers.<name>)
+except ImportError:
+    import fsmain  # run as a script: this directory is on sys.path
+
 
 class SlowDirFs(pyfuse3.Operations):
     def __init__(self) -> None:
@@ -63,37 +68,20 @@ class SlowDirFs(pyfuse3.Operations):
         pass
 
 
-async def _serve(fs: SlowDirFs) -> None:
-    async with trio.open_nursery() as nursery:
-        async def on_signals() -> None:
-            with trio.open_signal_receiver(signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM,
-                                           signal.SIGINT) as signals:
-                # Only now may it be signalled (SIGUSR2 would end it before).
-                print("ready", flush=True)
-                async for signum in signals:
-                    if signum == signal.SIGUSR2:
-                        fs.armed = True
-                        print("armed", flush=True)
-                        continue
-                    fs.armed = False
-                    released, fs.released, fs.reported = fs.released, trio.Event(), False
-                    released.set()
-                    if signum != signal.SIGUSR1:
-                        pyfuse3.terminate()
-                        return
-        nursery.start_soon(on_signals)
-        await pyfuse3.main(min_tasks=2, max_tasks=8)
-        nursery.cancel_scope.cancel()
-
-
 def main() -> None:
     fs = SlowDirFs()
-    pyfuse3.init(fs, sys.argv[1], ["fsname=slowdirfs", "allow_other"])
-    try:
-        trio.run(_serve, fs)
-    finally:
-        pyfuse3.close(unmount=True)
 
+    def on_signal(signum: int, ending: bool) -> None:
+        if signum == signal.SIGUSR2:
+            fs.armed = True
+            print("armed", flush=True)
+            return
+        fs.armed = False
+        released, fs.released, fs.reported = fs.released, trio.Event(), False
+        released.set()
+
+    fsmain.serve(fs, sys.argv[1], ["fsname=slowdirfs", "allow_other"],
+                 signals=(signal.SIGUSR1, signal.SIGUSR2), on_signal=on_signal)
 
 if __name__ == "__main__":
     main()

@@ -18,6 +18,11 @@ import sys
 import pyfuse3
 import trio
 
+try:
+    from . import fsmain  # imported by a test (helpers.<name>)
+except ImportError:
+    import fsmain  # run as a script: this directory is on sys.path
+
 
 class StallFs(pyfuse3.Operations):
     def __init__(self) -> None:
@@ -47,33 +52,17 @@ class StallFs(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENOENT)
 
 
-async def _serve(fs: StallFs) -> None:
-    async with trio.open_nursery() as nursery:
-        async def on_signals() -> None:
-            with trio.open_signal_receiver(signal.SIGUSR1, signal.SIGTERM,
-                                           signal.SIGINT) as signals:
-                async for signum in signals:
-                    released, fs.released, fs.reported = fs.released, trio.Event(), False
-                    if signum != signal.SIGUSR1:
-                        fs.ending = True
-                    released.set()
-                    if fs.ending:
-                        pyfuse3.terminate()
-                        return
-        nursery.start_soon(on_signals)
-        print("ready", flush=True)
-        await pyfuse3.main(min_tasks=2, max_tasks=8)
-        nursery.cancel_scope.cancel()
-
-
 def main() -> None:
     fs = StallFs()
-    pyfuse3.init(fs, sys.argv[1], ["fsname=stallfs", "allow_other"])
-    try:
-        trio.run(_serve, fs)
-    finally:
-        pyfuse3.close(unmount=True)
 
+    def on_signal(signum: int, ending: bool) -> None:
+        # SIGUSR1 answers those waiting; the next ones wait for the next.
+        released, fs.released, fs.reported = fs.released, trio.Event(), False
+        fs.ending = ending
+        released.set()
+
+    fsmain.serve(fs, sys.argv[1], ["fsname=stallfs", "allow_other"],
+                 signals=(signal.SIGUSR1,), on_signal=on_signal)
 
 if __name__ == "__main__":
     main()
