@@ -13,12 +13,10 @@ rule applies, the daemon does take the caller over (its exit line counts it).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import itertools
 import json
 import os
-import select
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -27,16 +25,14 @@ import pyfuse3
 import pytest
 from helpers import recordfs
 from helpers.helperfs import HelperFs
+from helpers.member import GROUP, as_member, leave_group
 from helpers.mounts import CredfsMount
 
 pytestmark = pytest.mark.skipif(
     "unique" not in dir(pyfuse3.RequestContext),
     reason="stock pyfuse3: requests carry no id (scripts/pyfuse3-unique.patch not built)")
 
-START_TIMEOUT = 15.0
 STEP = 2
-GROUP = 3001  # the directory's group: its members may create in it
-UID = GID = 2001
 
 
 @pytest.fixture
@@ -108,46 +104,25 @@ def test_an_uncached_absence_is_looked_up_again(
     assert _ops(recs) == [("LOOKUP", "e"), ("LOOKUP", "e"), ("CREATE", "e")], recs
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 def _stat_drop_group_create(path: Path, flags: int, drop: bool) -> int:
-    """In a forked root child acting as uid/gid 2001 in group GROUP (fsuid,
-    fsgid: what a request carries): stat path (absent), leave GROUP when drop,
-    then create path with flags. 0 or the create's errno."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 255
+    """As a member of GROUP (helpers/member.py): stat path (absent), leave
+    GROUP when drop, then create path with flags. 0 or the create's errno."""
+    def steps() -> int:
         try:
-            os.close(r)
-            os.setgroups([GROUP])
-            _libc.setfsgid(GID)
-            _libc.setfsuid(UID)
-            try:
-                os.stat(path)
-                code = 254  # it should not be there
-            except FileNotFoundError:
-                if drop:
-                    os.setgroups([])
-                try:
-                    os.close(os.open(path, flags | os.O_CREAT | os.O_WRONLY, 0o644))
-                    code = 0
-                except OSError as exc:
-                    code = exc.errno or 253
-            os.write(w, bytes([code]))
-        finally:
-            os._exit(0)
-    os.close(w)
-    try:
-        ready, _, _ = select.select([r], [], [], START_TIMEOUT)
-        assert ready, "child did not answer"
-        got = os.read(r, 1)
-    finally:
-        os.close(r)
-        os.waitpid(pid, 0)
-    assert got and got[0] < 253, f"child failed: {got!r}"
-    return got[0]
+            os.stat(path)
+            return 249  # it should not be there
+        except FileNotFoundError:
+            pass
+        if drop:
+            leave_group()
+        try:
+            os.close(os.open(path, flags | os.O_CREAT | os.O_WRONLY, 0o644))
+        except OSError as exc:
+            return exc.errno or 248
+        return 0
+    got = as_member(steps)
+    assert got < 248, f"child failed: {got}"
+    return got
 
 
 def _group_dir(top: Path) -> Path:

@@ -21,12 +21,9 @@ The kernel is the oracle: the same steps on the native twin.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
-import select
 import stat
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,64 +31,10 @@ import pyfuse3
 import pytest
 from helpers import enosysfs, uring
 from helpers.helperfs import HelperFs
+from helpers.member import GROUP, as_member, leave_group
 from helpers.mounts import CredfsMount
 
 TIMEOUT = 15.0
-GROUP = 3001  # the directory's group: its members may create in it
-UID = GID = 2001
-SYS_SETGROUPS = 116  # x86_64: this thread only, unlike glibc's setgroups
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _as_member(fn: Callable[[], int]) -> int:
-    """fn() in a forked root child acting as fsuid/fsgid 2001 in group GROUP
-    (what a request carries; the fs capabilities drop with fsuid 0 -> 2001):
-    its result (0 or an errno), 250+ when the child broke."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 255
-        try:
-            os.close(r)
-            os.setgroups([GROUP])
-            _libc.setfsgid(GID)
-            _libc.setfsuid(UID)
-            code = fn()
-        except BaseException:
-            code = 254
-        finally:
-            os.write(w, bytes([code]))
-            os._exit(0)
-    os.close(w)
-    try:
-        ready, _, _ = select.select([r], [], [], TIMEOUT)
-        assert ready, "child did not answer"
-        got = os.read(r, 1)
-    finally:
-        os.close(r)
-        if not got_exited(pid):
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-    assert got and got[0] < 250, f"child failed: {got!r}"
-    return got[0]
-
-
-def got_exited(pid: int) -> bool:
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        done, _status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return True
-        time.sleep(0.02)
-    return False
-
-
-def _leave_group() -> None:
-    if _libc.syscall(SYS_SETGROUPS, 0, None) != 0:
-        raise OSError(ctypes.get_errno(), "setgroups")
-
-
 def _group_dir(top: Path) -> Path:
     d = top / "d"
     d.mkdir()
@@ -107,7 +50,7 @@ def _stat_leave_create(path: Path) -> Callable[[], int]:
             return 253  # it should not be there
         except FileNotFoundError:
             pass
-        _leave_group()
+        leave_group()
         try:
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))  # not exclusive
         except OSError as exc:
@@ -138,8 +81,8 @@ def test_a_create_turned_mknod_is_not_taken_for_exclusive(
         with pytest.raises(OSError) as exc:
             os.open(top / "nocreate" / "x", os.O_CREAT | os.O_WRONLY, 0o644)
         assert exc.value.errno == errno.ENOSYS
-    want = _as_member(_stat_leave_create(nat / "f"))
-    got = _as_member(_stat_leave_create(mnt / "d" / "f"))
+    want = as_member(_stat_leave_create(nat / "f"))
+    got = as_member(_stat_leave_create(mnt / "d" / "f"))
     assert want == errno.EACCES
     assert got == want, (errno.errorcode.get(got), m.log)
     assert not (backing / "d" / "f").exists()
@@ -157,7 +100,7 @@ def _uring_create(path: Path, leave: bool) -> Callable[[], int]:
             if ring.nop() != 0:
                 return 250
             if leave:
-                _leave_group()
+                leave_group()
             fd = ring.openat(os.fsencode(path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             # The worker still shows the group it was made with: what /proc says
             # is not what the request runs as.
@@ -188,11 +131,11 @@ def test_an_io_uring_worker_does_not_lend_its_groups(
     mount_credfs(caller_caps=False)
     via = mnt / "d"
     # Natively the worker acts as the submitter is now: out of the group, refused.
-    assert _as_member(_uring_create(nat / "left", leave=True)) == errno.EACCES
-    assert _as_member(_uring_create(via / "left", leave=True)) == errno.EACCES
+    assert as_member(_uring_create(nat / "left", leave=True)) == errno.EACCES
+    assert as_member(_uring_create(via / "left", leave=True)) == errno.EACCES
     assert not (back / "left").exists()
     # Still in the group, natively allowed; credfs cannot tell a worker's
     # credentials from /proc and refuses it (fails closed) rather than guess.
-    assert _as_member(_uring_create(nat / "kept", leave=False)) == 0
-    assert _as_member(_uring_create(via / "kept", leave=False)) == errno.EACCES
+    assert as_member(_uring_create(nat / "kept", leave=False)) == 0
+    assert as_member(_uring_create(via / "kept", leave=False)) == errno.EACCES
     assert stat.S_ISDIR(os.lstat(back).st_mode)
