@@ -159,6 +159,28 @@ def reopen_path(fd: int) -> Found:
     return Found(pfd, os.fstat(pfd))
 
 
+def reopen_named(dir_fd: int, name: bytes, fh: int) -> Found:
+    """reopen_path for a file just opened as name in dir_fd: the name looked
+    up again (a walk of /proc/self/fd costs about three times a lookup of
+    one name), kept only if it still names the open file - the same device
+    and inode, which cannot be reused while fh is open; otherwise (renamed
+    over, replaced by a symlink, mounted on, no longer searchable) through
+    fh itself."""
+    try:
+        pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return reopen_path(fh)
+    try:
+        st, opened = os.fstat(pfd), os.fstat(fh)
+    except BaseException:
+        os.close(pfd)
+        raise
+    if (st.st_dev, st.st_ino) != (opened.st_dev, opened.st_ino):
+        os.close(pfd)
+        return reopen_path(fh)
+    return Found(pfd, st)
+
+
 def stat_dir(fd: int) -> tuple[os.stat_result, bool]:
     """Attributes of a directory and whether everyone may search it."""
     st = os.fstat(fd)
@@ -197,7 +219,7 @@ def create(dir_fd: int, name: bytes, flags: int, mode: int,
     fh = os.open(name, (flags & ~(os.O_NOCTTY | FMODE_EXEC)) | os.O_CREAT | os.O_NOFOLLOW
                  | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
-        found = reopen_path(fh)
+        found = reopen_named(dir_fd, name, fh)
         found.parent_public = known_public or public_dir(dir_fd)
         return fh, found
     except BaseException:

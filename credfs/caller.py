@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from .continuation import STEP, request_id
+from .continuation import request_id
 from .creds import CredentialError, Credentials
 from .idmap import IdMapping
 
@@ -297,9 +297,10 @@ class CallerResolver:
     """Turns a request context into the credentials its backing operation uses.
 
     The latest caller resolved is kept for the same request (a request may
-    ask more than once) and for the next one when it continues the same
-    syscall (continues(); see continuation.py): the calling thread is blocked
-    in that syscall meanwhile, so its credentials are the same.
+    ask more than once), and can be carried to a request that continues the
+    same syscall (resolved() and carry(); see continuation.py): the calling
+    thread is blocked in that syscall meanwhile, so its credentials are the
+    same.
     """
 
     def __init__(self, permitted_caps: int, missing_groups: str = "deny",
@@ -309,25 +310,30 @@ class CallerResolver:
         self.idmap = idmap
         self.as_daemon: Callable[[], bool] = _as_is  # set when the loop lends (inline.py)
         self._last: _Resolved | None = None
-        self._continuing = 0  # the id of a request that continues the last one's syscall
         self.read = 0  # callers read from the kernel
-        self.carried = 0  # callers taken over from the previous request of a syscall
+        self.carried = 0  # callers taken over from an earlier request of a syscall
 
-    def continues(self, ctx: RequestContext) -> None:
-        """ctx's request continues the syscall of the request before it."""
-        self._continuing = request_id(ctx)
-
-    def __call__(self, ctx: RequestContext) -> Credentials:
+    def resolved(self, ctx: RequestContext) -> Credentials | None:
+        """What ctx's request was resolved to, if it was."""
         unique = request_id(ctx)
         last = self._last
-        if unique and last is not None and (last.tid, last.uid, last.gid) == \
-                (ctx.pid, ctx.uid, ctx.gid):
-            if last.unique == unique:
-                return last.creds
-            if last.unique == unique - STEP and self._continuing == unique:
-                self.carried += 1
-                self._last = _Resolved(unique, ctx.pid, ctx.uid, ctx.gid, last.creds)
-                return last.creds
+        if unique and last is not None and last.unique == unique and \
+                (last.tid, last.uid, last.gid) == (ctx.pid, ctx.uid, ctx.gid):
+            return last.creds
+        return None
+
+    def carry(self, ctx: RequestContext, creds: Credentials) -> None:
+        """ctx's request continues the syscall of a request resolved to creds."""
+        unique = request_id(ctx)
+        if unique:
+            self.carried += 1
+            self._last = _Resolved(unique, ctx.pid, ctx.uid, ctx.gid, creds)
+
+    def __call__(self, ctx: RequestContext) -> Credentials:
+        creds = self.resolved(ctx)
+        if creds is not None:
+            return creds
+        unique = request_id(ctx)
         self._last = None
         self.read += 1
         try:

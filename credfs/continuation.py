@@ -8,25 +8,29 @@ syscall: the groups and capabilities read from /proc/<tid>/status for the
 LOOKUP are the second request's too. Reading them again costs a status read
 (the kernel formats the whole file) for nothing.
 
-The daemon sees requests, not syscalls. Two requests are taken for one
-syscall only when all of these hold:
-- the kernel numbered them consecutively. Request ids come from one counter
-  per connection, STEP apart, drawn as each request is queued (a FORGET as it
-  is read): consecutive ids mean nothing of anyone was queued in between.
-- the first is a LOOKUP answered "no such name", the second makes that same
-  name in that same directory, and both come from the same thread with the
-  same fsuid and fsgid.
-- the second cannot have come from a later syscall without a LOOKUP of its
-  own. The kernel looks a name up afresh before making it unless it holds a
-  valid "no such name" dentry. The first answer left none when it was an
-  uncached ENOENT; an exclusive make ignores one (O_EXCL, and mkdir, mknod,
-  symlink always: with LOOKUP_EXCL, fuse_dentry_revalidate drops a negative
-  dentry). So a cached "no such name" followed by open(O_CREAT) without
-  O_EXCL - the second syscall may have changed its groups before - does not
-  qualify. A MKNOD of a regular file is not surely exclusive: once a CREATE
-  was answered ENOSYS (a backing filesystem that cannot make files), the
-  kernel sends MKNOD + OPEN for every open(O_CREAT) of the connection, the
-  non-exclusive ones too (mknod_is_exclusive).
+The daemon sees requests, not syscalls. A make is taken for the syscall of
+a LOOKUP when it makes that same name in that same directory, from the same
+thread with the same fsuid and fsgid, the LOOKUP having answered "no such
+name", and one of these holds:
+- the make is exclusive: O_EXCL, and mkdir, mknod and symlink always (with
+  LOOKUP_EXCL, fuse_dentry_revalidate drops any dentry, so the kernel looks
+  the name up within the make's own syscall), and that LOOKUP is the
+  thread's latest. A thread's requests are one at a time (it waits in each),
+  every LOOKUP replaces what was kept of the thread's previous one, and an
+  exclusive make's own LOOKUP comes right before it: so the latest is that
+  one, however other threads' requests interleave. A MKNOD of a regular
+  file is not surely exclusive: once a CREATE was answered ENOSYS (a backing
+  filesystem that cannot make files), the kernel sends MKNOD + OPEN for every
+  open(O_CREAT) of the connection, the non-exclusive ones too
+  (mknod_is_exclusive).
+- the make is not exclusive, the LOOKUP's answer left the kernel no "no such
+  name" dentry to keep (an uncached ENOENT), and the kernel numbered the two
+  consecutively. Request ids come from one counter per connection, STEP
+  apart, drawn as each request is queued (a FORGET as it is read):
+  consecutive ids mean nothing of anyone was queued in between. Without
+  that, another thread's LOOKUP of the name, answered with a cached "no such
+  name", could let a later syscall of the first thread - which may have
+  changed its groups since - send its CREATE with no LOOKUP of its own.
 
 Anything else resolves the caller afresh. Request ids need a pyfuse3 built
 with scripts/pyfuse3-unique.patch (RequestContext.unique); without them
@@ -38,6 +42,8 @@ from __future__ import annotations
 import stat
 from dataclasses import dataclass
 from typing import Protocol
+
+from .creds import Credentials
 
 STEP = 2  # between the ids of two requests queued one after the other (FUSE_REQ_ID_STEP)
 
@@ -62,38 +68,57 @@ def mknod_is_exclusive(mode: int) -> bool:
     return not stat.S_ISREG(mode)
 
 
+# Threads whose latest LOOKUP is kept at most: a thread's record lasts only
+# until its next request, so more would only keep records of threads gone.
+MAX_THREADS = 1024
+
+
 @dataclass(frozen=True, slots=True)
 class _Absent:
     unique: int
-    tid: int
     uid: int
     gid: int
     parent: int
     name: bytes
     cached: bool  # answered with a negative entry the kernel keeps
+    caller: Credentials  # what the LOOKUP's caller was resolved to
 
 
 class Continuations:
-    """The latest LOOKUP answered "no such name", to recognise the make that
-    continues its syscall."""
+    """Each thread's latest LOOKUP answered "no such name", to recognise the
+    make that continues its syscall."""
 
     def __init__(self) -> None:
-        self._absent: _Absent | None = None
+        self._absent: dict[int, _Absent] = {}  # tid -> its latest LOOKUP, if absent
 
-    def absent(self, ctx: Context, parent: int, name: bytes, cached: bool) -> None:
-        """A LOOKUP of name in parent was answered "no such name"."""
+    def lookup(self, ctx: Context) -> None:
+        """A LOOKUP of ctx's thread begins: what was kept of its previous one
+        is over, whatever this one answers."""
+        if self._absent:
+            self._absent.pop(ctx.pid, None)
+
+    def absent(self, ctx: Context, parent: int, name: bytes, cached: bool,
+               caller: Credentials | None) -> None:
+        """ctx's LOOKUP of name in parent was answered "no such name";
+        caller: who it was resolved to be (None: nobody, nothing to carry)."""
         unique = request_id(ctx)
-        if unique:
-            self._absent = _Absent(unique, ctx.pid, ctx.uid, ctx.gid, parent, name, cached)
+        if unique and caller is not None:
+            if len(self._absent) >= MAX_THREADS:
+                del self._absent[next(iter(self._absent))]  # the oldest
+            self._absent[ctx.pid] = _Absent(unique, ctx.uid, ctx.gid, parent, name, cached,
+                                            caller)
 
     def makes_after_lookup(self, ctx: Context, parent: int, name: bytes,
-                           exclusive: bool) -> bool:
-        """Is ctx's request, which makes name in parent (exclusive: O_EXCL, or
-        a mkdir, mknod or symlink), the one that continues the syscall of that
-        LOOKUP? Asked once per such request."""
-        last, self._absent = self._absent, None
+                           exclusive: bool) -> Credentials | None:
+        """The caller of the LOOKUP whose syscall ctx's request, which makes
+        name in parent (exclusive: O_EXCL, or a mkdir, mknod or symlink),
+        continues; None when it may not continue one. Asked once per such
+        request."""
+        last = self._absent.pop(ctx.pid, None) if self._absent else None
         unique = request_id(ctx)
-        return (last is not None and unique != 0 and last.unique == unique - STEP
-                and (last.tid, last.uid, last.gid) == (ctx.pid, ctx.uid, ctx.gid)
-                and (last.parent, last.name) == (parent, name)
-                and (exclusive or not last.cached))
+        if last is None or not unique or (last.uid, last.gid, last.parent, last.name) != \
+                (ctx.uid, ctx.gid, parent, name):
+            return None
+        if exclusive or (last.unique == unique - STEP and not last.cached):
+            return last.caller
+        return None

@@ -382,9 +382,9 @@ class Operations(pyfuse3.Operations):
         """A request that makes name in parent (exclusive: as the kernel sent
         it): when it continues the syscall of the LOOKUP just before it, the
         caller resolved for that LOOKUP is its caller (continuation.py)."""
-        if self.continuations.makes_after_lookup(ctx, parent.node, name, exclusive) \
-                and self.callers is not None:
-            self.callers.continues(ctx)
+        caller = self.continuations.makes_after_lookup(ctx, parent.node, name, exclusive)
+        if caller is not None and self.callers is not None:
+            self.callers.carry(ctx, caller)
 
     def _creator(self, ctx: pyfuse3.RequestContext, parent: Inode, name: bytes,
                  is_dir: bool = False) -> tuple[Credentials, Act]:
@@ -439,8 +439,11 @@ class Operations(pyfuse3.Operations):
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                      ) -> pyfuse3.EntryAttributes:
+        self.continuations.lookup(ctx)
         parent = self.table.get(parent_inode)
         act = await self._act_named(ctx, "lookup", parent, name)
+        # Taken now: a lookup in a worker lets other requests resolve theirs.
+        caller = self.callers.resolved(ctx) if self.callers is not None else None
         epoch = parent.search_epoch
         found = await self._run(act.creds, backing.lookup, parent.fd, name,
                                 self._known_public(parent), local=parent)
@@ -448,9 +451,9 @@ class Operations(pyfuse3.Operations):
             try:
                 entry = self._absent(parent, name, epoch)
             except FUSEError:
-                self.continuations.absent(ctx, parent.node, name, cached=False)
+                self.continuations.absent(ctx, parent.node, name, False, caller)
                 raise
-            self.continuations.absent(ctx, parent.node, name, cached=True)
+            self.continuations.absent(ctx, parent.node, name, True, caller)
             return entry
         self._saw_parent(parent, found.parent_public, epoch)
         owner = await self._owner_of(found.fd) if self._records_owners() else None

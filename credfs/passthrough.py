@@ -172,12 +172,15 @@ class Passthrough:
             self._unregistered.append(st.backing_id)
             st.backing_id, st.creds = 0, None
         if not st.backing_id:
-            st.registering = trio.Event()
-            try:
-                st.backing_id = await self._register(node_fd, node_dev, opener)
-            finally:
-                st.registering.set()
-                st.registering = None
+            backing_id = self._register_inline(node_fd, node_dev, opener)
+            if backing_id is None:  # a worker registers: other opens wait meanwhile
+                st.registering = trio.Event()
+                try:
+                    backing_id = await self._register_in_worker(node_fd, opener)
+                finally:
+                    st.registering.set()
+                    st.registering = None
+            st.backing_id = backing_id
             if not st.backing_id:
                 return self._cached(st)
             st.creds = opener
@@ -188,23 +191,35 @@ class Passthrough:
         st.cached += 1
         return _CACHED
 
-    async def _register(self, node_fd: int, node_dev: int, creds: Credentials) -> int:
+    def _register_inline(self, node_fd: int, node_dev: int, creds: Credentials) -> int | None:
+        """The ioctl does not wait: on the event loop when metadata is done
+        there, as creds like any inline operation (the loop thread is most
+        likely lent to the opener already: only capabilities change). None:
+        not here, a worker must."""
+        if self._inline is None or not self._inline.covers(node_dev):
+            return None
         assert self.dev_fd is not None
         try:
-            # The ioctl does not wait: on the event loop when metadata is done
-            # there, as creds like any inline operation (the loop thread is
-            # most likely lent to the opener already: only capabilities change).
-            if self._inline is not None and self._inline.covers(node_dev):
-                try:
-                    return self._inline.run(creds, 0, register, self.dev_fd, node_fd)
-                except backing.Elsewhere:
-                    pass
+            return self._inline.run(creds, 0, register, self.dev_fd, node_fd)
+        except backing.Elsewhere:
+            return None
+        except (OSError, CredentialError) as exc:
+            return self._failed(exc)
+
+    async def _register_in_worker(self, node_fd: int, creds: Credentials) -> int:
+        assert self.dev_fd is not None
+        try:
             return await self._pool.run(creds, 0, register, self.dev_fd, node_fd)
-        except OSError as exc:
+        except (OSError, CredentialError) as exc:
+            return self._failed(exc)
+
+    def _failed(self, exc: OSError | CredentialError) -> int:
+        """A registration failed: 0 (the open uses the page cache)."""
+        if isinstance(exc, OSError):
             if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
-                return 0  # a shortage: this open uses the page cache
+                return 0  # a shortage: for this open only
             reason = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-        except CredentialError as exc:
+        else:
             reason = str(exc)
         # The kernel or the daemon's privileges do not allow it: for good.
         self.enabled = False

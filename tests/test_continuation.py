@@ -13,11 +13,13 @@ rule applies, the daemon does take the caller over (its exit line counts it).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import itertools
 import json
 import os
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +29,9 @@ from helpers import recordfs
 from helpers.helperfs import HelperFs
 from helpers.member import GROUP, as_member, leave_group
 from helpers.mounts import CredfsMount
+
+from credfs.continuation import Continuations
+from credfs.creds import Credentials
 
 pytestmark = pytest.mark.skipif(
     "unique" not in dir(pyfuse3.RequestContext),
@@ -158,3 +163,101 @@ def test_a_group_left_between_stat_and_create_counts_as_natively(
     # kernel kept the stat's "no such name" and sent the create without a
     # LOOKUP; the caller that stat'ed may have changed since (and did).
     assert carried == (4 if flags else 0), counts[-1]
+
+
+def _create_many(directory: Path, uid: int, n: int, go: int) -> int:
+    """Fork a child that becomes uid, waits for a byte on go, then creates n
+    files (O_EXCL) in directory; its pid."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            os.read(go, 1)
+            for i in range(n):
+                os.close(os.open(directory / f"{uid}-{i}",
+                                 os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _reap(pid: int, deadline: float) -> int:
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    return -9
+
+
+def test_exclusive_creates_carry_their_caller_while_others_interleave(
+        backing: Path, mnt: Path, mount_credfs: Callable[..., CredfsMount]) -> None:
+    """Two processes create at once: their requests interleave, so an exclusive
+    CREATE seldom has the id right after its LOOKUP's, yet it continues that
+    LOOKUP's syscall (the thread's latest). Every create carries its caller,
+    and every file belongs to its creator."""
+    shared = backing / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    m = mount_credfs(caller_caps=False)
+    n, uids = 300, (2001, 2002)
+    r, w = os.pipe()
+    pids = [_create_many(mnt / "shared", uid, n, r) for uid in uids]
+    try:
+        os.write(w, b"go")
+    finally:
+        os.close(w)
+        os.close(r)
+        deadline = time.monotonic() + 60
+        codes = [_reap(pid, deadline) for pid in pids]
+    assert codes == [0, 0]
+    for uid in uids:
+        owners = {os.lstat(shared / f"{uid}-{i}").st_uid for i in range(n)}
+        assert owners == {uid}
+    m.stop()
+    counts = [line for line in m.log.splitlines() if "callers:" in line]
+    assert counts, m.log
+    carried = int(counts[-1].split(", ")[1].split()[0])
+    assert carried == n * len(uids), counts[-1]
+
+
+@dataclasses.dataclass
+class _Ctx:
+    unique: int
+    pid: int
+    uid: int = 2001
+    gid: int = 2001
+
+
+def test_the_rule_as_continuation_states_it() -> None:
+    """The decision alone, on request contexts as the kernel numbers them."""
+    who = Credentials(2001, 2001, (2001,), 0)
+
+    def after(lookups: list[tuple[_Ctx, bool]], make: _Ctx, exclusive: bool,
+              name: bytes = b"a") -> Credentials | None:
+        c = Continuations()
+        for ctx, cached in lookups:
+            c.lookup(ctx)
+            c.absent(ctx, 1, b"a", cached, who)
+        return c.makes_after_lookup(make, 1, name, exclusive)
+
+    # Exclusive: the thread's latest LOOKUP, whatever came in between.
+    assert after([(_Ctx(10, 7), True), (_Ctx(12, 8), True)], _Ctx(14, 7), True) is who
+    assert after([(_Ctx(10, 7), True)], _Ctx(14, 7, uid=0), True) is None
+    assert after([(_Ctx(10, 7), True)], _Ctx(12, 7), True, name=b"b") is None
+    # Plain: right after an uncached "no such name" only.
+    assert after([(_Ctx(10, 7), False)], _Ctx(12, 7), False) is who
+    assert after([(_Ctx(10, 7), False), (_Ctx(12, 8), False)], _Ctx(14, 7), False) is None
+    assert after([(_Ctx(10, 7), True)], _Ctx(12, 7), False) is None
+    # A later LOOKUP of the thread that found the name ends the earlier one.
+    c = Continuations()
+    c.lookup(_Ctx(10, 7))
+    c.absent(_Ctx(10, 7), 1, b"a", False, who)
+    c.lookup(_Ctx(12, 7))
+    assert c.makes_after_lookup(_Ctx(14, 7), 1, b"a", True) is None
