@@ -297,12 +297,20 @@ def record_owner(fd: int, uid: int) -> None:
     os.setxattr(fd_path(fd), OWNER_XATTR, str(uid).encode())
 
 
-def probe(dir_fd: int, names: list[bytes]) -> list[tuple[bool, int | None] | None]:
+# What probe(..., tolerant=True) gives for a name that is there but cannot be
+# looked at (a dead FUSE mount on it: ENOTCONN): nothing known about its file.
+UNREADABLE: tuple[()] = ()
+
+
+def probe(dir_fd: int, names: list[bytes], tolerant: bool = False
+          ) -> list[tuple[bool, int | None] | tuple[()] | None]:
     """(is a directory, recorded owner) of each name, None where it is absent.
 
     For a policy's object conditions: runs as the daemon's probe identity,
-    and what it finds is only ever used to decide, never shown."""
-    out: list[tuple[bool, int | None] | None] = []
+    and what it finds is only ever used to decide, never shown. tolerant: a
+    name whose file cannot be looked at is UNREADABLE instead of an error for
+    all the names (a listing decides it as one whose file is unknown)."""
+    out: list[tuple[bool, int | None] | tuple[()] | None] = []
     for name in names:
         try:
             fd = open_name(dir_fd, name)
@@ -311,6 +319,10 @@ def probe(dir_fd: int, names: list[bytes]) -> list[tuple[bool, int | None] | Non
             continue
         try:
             out.append((stat.S_ISDIR(os.fstat(fd).st_mode), read_owner(fd)))
+        except OSError:
+            if not tolerant:
+                raise
+            out.append(UNREADABLE)
         finally:
             os.close(fd)
     return out
@@ -472,7 +484,8 @@ def _lstat_type(dir_fh: int, name: bytes) -> int:
 
 def lookup_listed(dir_fh: int, entries: list[DirEntry]) -> list[Found | OSError]:
     """Resolve listed names as the caller; the error instead for a name that
-    vanished (ENOENT) or that the caller may list but not search (EACCES)."""
+    vanished (ENOENT), that the caller may list but not search (EACCES), or
+    whose file cannot be looked at (a dead FUSE mount on it: ENOTCONN)."""
     out: list[Found | OSError] = []
     try:
         for name, _type_bits, _ino in entries:
@@ -481,7 +494,13 @@ def lookup_listed(dir_fh: int, entries: list[DirEntry]) -> list[Found | OSError]
             except OSError as exc:
                 out.append(exc)
                 continue
-            out.append(Found(fd, os.fstat(fd)))
+            try:
+                st = os.fstat(fd)
+            except OSError as exc:
+                os.close(fd)
+                out.append(exc)
+                continue
+            out.append(Found(fd, st))
     except BaseException:
         for item in out:
             if isinstance(item, Found):

@@ -1053,9 +1053,11 @@ class Operations(pyfuse3.Operations):
         undecided = [e[0] for e in entries if h.decide("lookup", e[0], None).needs_object]
         probe_all = self._records_owners()
         names = [e[0] for e in entries] if probe_all else undecided
-        facts: dict[bytes, tuple[bool, int | None] | None] = {}
+        facts: dict[bytes, tuple[bool, int | None] | tuple[()] | None] = {}
         if names:
-            found = await self._run(_PROBE, backing.probe, h.fd, names,
+            # One name that cannot be looked at (a dead mount on it) is decided
+            # as unknown, as natively it is listed: not an error for them all.
+            found = await self._run(_PROBE, backing.probe, h.fd, names, True,
                                     local=self.table.get(h.node))
             facts = dict(zip(names, found, strict=True))
         visible = []
@@ -1066,7 +1068,9 @@ class Operations(pyfuse3.Operations):
             f = facts.get(name)
             if name in facts and f is None:
                 continue  # gone since it was listed
-            # Every undecided name was probed: the decision is final now.
+            # Every undecided name was probed: the decision is final now (an
+            # UNREADABLE one's is taken without its file: one that needs it is
+            # hidden).
             obj = ObjectFacts(*f) if f else None
             decision = h.decide("lookup", name, obj)
             if decision.hides or decision.needs_object:

@@ -237,6 +237,37 @@ def test_a_failed_listing_pass_leaves_no_hidden_name_behind(
             f"the hidden name was listed: {got}"
 
 
+@pytest.mark.parametrize("policy", [False, True], ids=["no-policy", "owner-policy"])
+def test_a_dead_mount_in_a_directory_leaves_its_listing_as_natively(
+        workdir: Path, native: Path, backing: Path, mnt: Path,
+        serve_slowfs: Callable[[Path], SlowFs], mount_credfs: Callable[..., object],
+        policy: bool) -> None:
+    """Natively a directory with a dead FUSE mount in it lists, dead name and
+    all (getdents looks at no file). Through credfs too, also when a policy
+    rule asks for owners and the dead name's owner cannot be probed: one name
+    that cannot be looked at is decided without its file, the others as
+    always - a hidden name stays hidden."""
+    for top in (native, backing):
+        (top / "d" / "dead").mkdir(parents=True)
+        (top / "d" / "secret").write_bytes(b"s")
+        (top / "d" / "other").write_bytes(b"o")
+    for top in (native, backing):
+        fs = serve_slowfs(top / "d" / "dead")
+        fs.proc.kill()  # its mount stays, dead: every use of it fails with ENOTCONN
+        fs.proc.wait(timeout=START_TIMEOUT)
+    args: list[str] = []
+    if policy:
+        (workdir / "hiding.toml").write_text(HIDING_POLICY)
+        args = ["--policy", str(workdir / "hiding.toml")]
+    mount_credfs(*args)
+    want = sorted(os.listdir(native / "d"))
+    assert want == ["dead", "other", "secret"]
+    if policy:
+        want.remove("secret")
+    assert sorted(os.listdir(mnt / "d")) == want
+    assert sorted(e.name for e in os.scandir(mnt / "d")) == want
+
+
 # -- one directory, many callers at once ------------------------------------------
 
 HAMMER_FILES = 1500  # names of 40 bytes: ~72 KiB of ext4 entries, read by a worker
