@@ -10,10 +10,24 @@ own, mounts every candidate on the same backing tree, and runs each workload
 on each candidate, interleaved and rotated so that drift hits all of them
 alike. It prints the median of the repetitions with the ratio to native's
 median, and the daemons' CPU time per operation; --out also writes
-results.csv and results.json. Every mount, loop device and process it made is
-removed at the end, also on an error, Ctrl-C or SIGTERM; a run killed outright
-is cleaned up by the next one. mergerfs, bindfs and fio are installed with
-apt-get when missing (unless --no-install).
+results.csv and results.json.
+
+Fairness: while one candidate is measured, no other candidate's daemon works.
+Every credfs daemon but the measured one is stopped (SIGSTOP), also while
+native, mergerfs or bindfs is measured: with --cache auto each credfs watches
+the whole backing filesystem (fanotify), and a running idle one would read
+and sift the measured candidate's events on the same CPUs. A daemon is
+continued (SIGCONT) before its own turn, and measured only once it has read
+its backlog (its CPU time has stopped growing for 0.1 s, at most 3 s); the
+daemon CPU figures span the measured operations only. mergerfs and bindfs
+watch nothing and stay running. Each sample records the idle credfs daemons'
+CPU time meanwhile (0 when stopped). --keep-idle-running leaves them running,
+as before, for comparison; the report says which.
+
+Every mount, loop device and process it made is removed at the end, also on
+an error, Ctrl-C or SIGTERM (stopped daemons are continued first); a run
+killed outright is cleaned up by the next one, or by --clean. mergerfs,
+bindfs and fio are installed with apt-get when missing (unless --no-install).
 """
 
 from __future__ import annotations
@@ -30,10 +44,13 @@ from typing import Any
 
 from harness import BenchError, cleanup, ramdisk, report, sysutil
 from harness.agents import Agent
-from harness.candidates import DEFAULT, SPECS, Candidate, Spec, start
+from harness.candidates import DEFAULT, SPECS, Candidate, IdleDaemons, Spec, start
 from harness.workloads import ALL, NAMES, UID_A, UID_B, Env, Sample, Sizes, Workload, prepare
 
 DEBIAN_PACKAGES = {"mergerfs": "mergerfs", "bindfs": "bindfs", "fio": "fio"}
+IDLE_MODES = {"stopped": "stopped (SIGSTOP) while another candidate is measured",
+              "running": "left running while another candidate is measured "
+                         "(--keep-idle-running)"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,6 +88,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="mergerfs -o options instead of the built-in fastest safe set")
     p.add_argument("--bindfs-options", metavar="OPTS",
                    help="bindfs -o options instead of the built-in big_writes")
+    p.add_argument("--keep-idle-running", action="store_true",
+                   help="leave the credfs daemons that are not being measured running (the "
+                        "old behaviour: their backing-filesystem watches then take CPU from "
+                        "whoever is measured); by default they are stopped")
     p.add_argument("--out", metavar="DIR", help="write results.csv and results.json there")
     p.add_argument("--no-install", action="store_true",
                    help="do not apt-get install missing mergerfs/bindfs/fio: fail instead")
@@ -144,7 +165,8 @@ def _specs(args: argparse.Namespace) -> list[Spec]:
             for s in (SPECS[c] for c in args.candidates)]
 
 
-def _measure(steps: list[tuple[int, Workload, Candidate]], env: Env, reps: int) -> list[Sample]:
+def _measure(steps: list[tuple[int, Workload, Candidate]], env: Env, reps: int,
+             idle: IdleDaemons | None) -> list[Sample]:
     samples: list[Sample] = []
     t0 = time.monotonic()
     for i, (rep, w, cand) in enumerate(steps, 1):
@@ -152,9 +174,13 @@ def _measure(steps: list[tuple[int, Workload, Candidate]], env: Env, reps: int) 
         left = f", ~{_elapsed(spent / (i - 1) * (len(steps) - i + 1))} left" if i > 1 else ""
         report.progress(f"[{i}/{len(steps)}] rep {rep + 1}/{reps}  {w.name:<11} on "
                         f"{cand.name:<20} {_elapsed(spent)} elapsed{left}")
+        if idle is not None:
+            idle.only(cand)
         for row, m in w.run(env, cand):
             samples.append(Sample(rep, w.name, row.name, cand.name, m.ops, m.seconds, m.cpu,
-                                  m.device_read))
+                                  m.device_read, m.idle_cpu, m.idle_running))
+    if idle is not None:
+        idle.resume_all()  # nothing past this point may find a mount hanging
     report.end_progress()
     return samples
 
@@ -196,8 +222,12 @@ def run(args: argparse.Namespace, clean: cleanup.Cleanup, meta: dict[str, Any]) 
     meta["candidates"] = {s.name: s.describe for s in specs}
     meta["sizes"] = sizes.__dict__
     meta["reps"] = reps
+    meta["idle_daemons"] = "running" if args.keep_idle_running else "stopped"
+    env.daemons = [c for c in cands if c.pausable]
+    idle = None if args.keep_idle_running else IdleDaemons(cands, clean)
 
-    samples = _measure(plan(reps, workloads, cands), env, reps)
+    samples = _measure(plan(reps, workloads, cands), env, reps, idle)
+    meta["idle_daemon_cpu_s"] = round(sum(s.idle_cpu or 0.0 for s in samples), 3)
     meta["load_average_end"] = os.getloadavg()
     rows = [(w.name, r) for w in workloads for r in w.rows]
     names = [c.name for c in cands]
@@ -206,6 +236,9 @@ def run(args: argparse.Namespace, clean: cleanup.Cleanup, meta: dict[str, Any]) 
     print(f"\ncredfs comparison, {reps} repetition(s); backing store: {disk.describe}")
     print(f"machine: {report.machine_line(m)}")
     print("candidates: " + "; ".join(f"{k} = {v}" for k, v in meta["candidates"].items()))
+    if env.daemons:
+        print(f"idle credfs daemons: {IDLE_MODES[meta['idle_daemons']]}; their CPU time "
+              f"while others were measured: {meta['idle_daemon_cpu_s']:.2f} s")
     print(f"load average at start {meta['load_average_start'][0]:.2f}, "
           f"at end {meta['load_average_end'][0]:.2f}\n")
     print(report.tables(summary, rows, names))
@@ -215,7 +248,9 @@ def run(args: argparse.Namespace, clean: cleanup.Cleanup, meta: dict[str, Any]) 
             report.write(args.out, samples, summary, {k: v for k, v in meta.items()
                                                       if not k.startswith("_")})
             with open(os.path.join(args.out, "results.md"), "w") as f:
-                f.write(report.markdown(summary, rows, names, m))
+                f.write(report.markdown(summary, rows, names, m,
+                                        IDLE_MODES[meta["idle_daemons"]] if env.daemons
+                                        else None))
         except OSError as e:
             raise BenchError(f"writing the results to {args.out}: {e}") from None
         print(f"\nwrote results.csv, results.json and results.md (the tables for the README) "

@@ -1,6 +1,8 @@
 """The comparison benchmark (benchmarks/compare.py) keeps working, and leaves
-nothing behind: a tiny real run, a run stopped with Ctrl-C, and a run killed
-outright whose leftovers the next run removes. Nothing about timings is
+nothing behind: a tiny real run, a run stopped with Ctrl-C or SIGTERM, and a
+run killed outright whose leftovers the next run (or --clean) removes. While
+one candidate is measured every other credfs daemon is stopped and accrues no
+CPU time, and a daemon left stopped is still ended. Nothing about timings is
 asserted; the figures only have to be there and add up.
 """
 
@@ -83,6 +85,46 @@ def _until_measuring(proc: subprocess.Popen[str], timeout: float = 60) -> str:
     raise AssertionError("no measured step started; stderr:\n" + "".join(seen))
 
 
+def _stopped(pid: int) -> bool:
+    """Every thread of pid is stopped by a signal."""
+    with contextlib.suppress(OSError, IndexError):
+        states = [(t / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                  for t in Path(f"/proc/{pid}/task").iterdir()]
+        return bool(states) and all(st == "T" for st in states)
+    return False
+
+
+def _stopped_daemons(run_dir: str) -> list[int]:
+    """credfs daemons of run_dir whose every thread is stopped (SIGSTOP)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError):
+            if not entry.isdigit():
+                continue
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            if (b"credfs" in cmd and any(a.startswith(run_dir.encode()) for a in cmd)
+                    and _stopped(int(entry))):
+                found.append(int(entry))
+    return found
+
+
+def _freeze_while_daemon_stopped(proc: subprocess.Popen[str], run_dir: str,
+                                 timeout: float = 60) -> list[int]:
+    """Stop the harness itself at a moment when one of its credfs daemons is
+    stopped (native's turn), so that it cannot continue it; the daemons."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _stopped_daemons(run_dir):
+            proc.send_signal(signal.SIGSTOP)
+            while not _stopped(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if pids := _stopped_daemons(run_dir):
+                return pids
+            proc.send_signal(signal.SIGCONT)  # it had just continued it: again
+        time.sleep(0.01)
+    raise AssertionError(f"no credfs daemon of {run_dir} was ever stopped")
+
+
 def _stop(proc: subprocess.Popen[str]) -> None:
     if proc.poll() is None:
         proc.kill()
@@ -122,31 +164,78 @@ def test_quick_run_reports_every_row_and_leaves_nothing(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_ctrl_c_cleans_up() -> None:
+@pytest.mark.parametrize("keep", [False, True], ids=["stopped", "keep-idle-running"])
+def test_idle_credfs_daemons_do_nothing_while_another_is_measured(tmp_path: Path,
+                                                                  keep: bool) -> None:
+    """Two credfs candidates: while native or one of them is measured, the
+    other (or both) is stopped and accrues exactly 0 CPU ticks. With
+    --keep-idle-running they run, as before, and the record says so."""
+    out = tmp_path / "out"
+    argv = [sys.executable, str(SCRIPT), "--quick", "--candidates",
+            "native,credfs-caller,credfs-mounter", "--workloads", "metadata", "--files", "200",
+            "--no-install", "--out", str(out), *(["--keep-idle-running"] if keep else [])]
+    try:
+        r = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=110,
+                           stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stderr[-3000:]
+        data = json.loads((out / "results.json").read_text())
+        assert _leftovers(data["run_dir"]) == []
+    finally:
+        _clean()
+    assert data["idle_daemons"] == ("running" if keep else "stopped")
+    assert ("(--keep-idle-running)" in r.stdout) == keep
+    daemons = {"credfs-caller", "credfs-mounter"}
+    assert len(data["samples"]) == len(OPS) * 3
+    for s in data["samples"]:
+        idle = sorted(daemons - {s["candidate"]})
+        if keep:
+            assert s["idle_running"] == idle, s
+        else:
+            # Not one tick: the stopped daemons did no work at all.
+            assert s["idle_running"] == [] and s["idle_cpu"] == 0.0, s
+    if not keep:
+        assert data["idle_daemon_cpu_s"] == 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_cleans_up(signum: int) -> None:
     proc = _start(*TINY, "--files", "10000", "--reps", "20")
     try:
         run_dir = _until_measuring(proc)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(90) == 128 + signal.SIGINT
+        # Interrupted while credfs is stopped: it must still be ended.
+        _freeze_while_daemon_stopped(proc, run_dir)
+        proc.send_signal(signum)
+        proc.send_signal(signal.SIGCONT)
+        assert proc.wait(90) == 128 + signum
         assert _leftovers(run_dir) == []
+        assert proc.stderr is not None
+        assert "SIGKILL" not in proc.stderr.read()  # continued, it ended on SIGTERM
     finally:
         _stop(proc)
         _clean()
 
 
 @pytest.mark.timeout(120)
-def test_next_run_removes_what_a_killed_run_left() -> None:
+@pytest.mark.parametrize("sweeper", ["next run", "--clean"])
+def test_next_run_removes_what_a_killed_run_left(sweeper: str) -> None:
     proc = _start(*TINY, "--files", "10000", "--reps", "20")
     try:
         run_dir = _until_measuring(proc)
+        stopped = _freeze_while_daemon_stopped(proc, run_dir)
         proc.kill()  # no clean-up of its own
         proc.wait(30)
         assert _leftovers(run_dir), "a killed run should have left its RAM disk"
+        # Its daemon stays stopped, with the SIGTERM of its parent's death pending.
+        assert _stopped_daemons(run_dir) == stopped
         # The next run is not blocked by them, and removes them first.
-        r = subprocess.run([sys.executable, str(SCRIPT), *TINY], cwd=REPO,
+        args = TINY if sweeper == "next run" else ["--clean"]
+        r = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO,
                            capture_output=True, text=True, timeout=110, stdin=subprocess.DEVNULL)
         assert r.returncode == 0, r.stderr
         assert f"removed what a dead run left in {run_dir}" in r.stderr
+        assert "could not remove" not in r.stderr
+        assert "SIGKILL" not in r.stderr  # continued, the daemon ended on SIGTERM
         assert _leftovers(run_dir) == []
     finally:
         _stop(proc)

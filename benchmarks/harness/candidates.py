@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import BenchError, sysutil
-from .cleanup import Cleanup
+from .cleanup import Cleanup, warn
 
 REPO = str(Path(__file__).resolve().parents[2])
 
@@ -105,6 +105,13 @@ class Candidate:
                  mountpoint: str | None = None, log: str | None = None) -> None:
         self.spec, self.root, self.proc = spec, root, proc
         self.mountpoint, self.log = mountpoint, log
+        self.paused = False  # stopped by pause() and not continued since
+
+    @property
+    def pausable(self) -> bool:
+        """A credfs daemon: it watches the whole backing filesystem, so it has
+        work to do while others are measured (see IdleDaemons)."""
+        return self.spec.kind == "credfs" and self.proc is not None
 
     @property
     def name(self) -> str:
@@ -118,6 +125,30 @@ class Candidate:
             raise BenchError(f"{self.name} daemon exited ({self.proc.returncode}); "
                              f"log: {self.log_tail()}")
         return sysutil.cpu_seconds(self.proc.pid)
+
+    def stopped(self) -> bool:
+        """Its daemon runs no code (every thread stopped by SIGSTOP)."""
+        return self.proc is not None and sysutil.stopped(self.proc.pid)
+
+    def pause(self) -> None:
+        """SIGSTOP, and wait until every thread has stopped."""
+        assert self.proc is not None
+        self.paused = True
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGSTOP)
+        if not sysutil.wait_stopped(self.proc.pid):
+            raise BenchError(f"{self.name} daemon did not stop on SIGSTOP "
+                             f"({''.join(sysutil.thread_states(self.proc.pid)) or 'gone'})")
+
+    def resume(self) -> bool:
+        """SIGCONT, then wait until it has read the events queued meanwhile
+        (its CPU time stops growing): that is not the next measurement's work.
+        False when it was still busy after 3 s."""
+        assert self.proc is not None
+        self.paused = False
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+        return sysutil.wait_cpu_quiet(self.proc.pid)
 
     def log_tail(self, lines: int = 5) -> str:
         if not self.log:
@@ -135,6 +166,43 @@ class Candidate:
             return
         if not sysutil.stop_daemon(proc, mnt):
             raise BenchError(f"could not unmount {mnt}")
+
+
+class IdleDaemons:
+    """While one candidate is measured, every other credfs daemon is stopped
+    (SIGSTOP), whoever is measured (native, mergerfs and bindfs too).
+
+    Each credfs mount (--cache auto) watches the whole backing filesystem with
+    fanotify: a running idle daemon would read and sift the events of the
+    measured candidate's changes, on the same CPUs. Stopped, it does nothing:
+    its queue fills and overflows (a notification group never blocks the
+    writers), and once continued it reads that backlog and forgets its caches
+    (credfs/watch.py); resume() waits for that before its own measurement.
+    mergerfs and bindfs watch nothing and are never stopped. A stopped
+    daemon's mount hangs whoever touches it: only the measured candidate's
+    mount is touched, and resume_all() runs before the rest of the run
+    touches any (after the measurements, and first thing in the clean-up).
+    """
+
+    def __init__(self, cands: list[Candidate], clean: Cleanup) -> None:
+        self.daemons = [c for c in cands if c.pausable]
+        # Pushed after the candidates' stops, so it runs before them.
+        clean.push("continue the stopped daemons", self.resume_all)
+
+    def only(self, cand: Candidate) -> None:
+        """Stop every daemon but cand's; continue cand's and let it catch up."""
+        for c in self.daemons:
+            if c is not cand and not c.paused:
+                c.pause()
+        if cand.paused and not cand.resume():
+            warn(f"{cand.name} was still busy 3 s after SIGCONT; measuring it anyway")
+
+    def resume_all(self) -> None:
+        """SIGCONT to every daemon, stopped or not (no-op for a running one)."""
+        for c in self.daemons:
+            c.paused = False
+            if c.proc is not None and c.proc.poll() is None:
+                c.proc.send_signal(signal.SIGCONT)
 
 
 def start(spec: Spec, source: str, mnt_dir: str, cleanup: Cleanup,

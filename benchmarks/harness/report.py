@@ -143,11 +143,13 @@ def tables(summary: list[dict[str, Any]], rows: list[tuple[str, Row]],
 
 
 def markdown(summary: list[dict[str, Any]], rows: list[tuple[str, Row]],
-             candidates: list[str], machine: dict[str, Any]) -> str:
-    """The median table and the daemon-CPU table in Markdown, for the README."""
+             candidates: list[str], machine: dict[str, Any], idle: str | None = None) -> str:
+    """The median table and the daemon-CPU table in Markdown, for the README;
+    idle: what the idle credfs daemons did (compare.IDLE_MODES)."""
     by = {(e["row"], e["candidate"]): e for e in summary}
     daemons = [c for c in candidates if c != "native"]
     out = [f"Machine: {machine_line(machine)}.", "",
+           *([f"Idle credfs daemons: {idle}.", ""] if idle else []),
            "Median (ratio to native; higher is faster):", "",
            "| workload | " + " | ".join(candidates) + " |",
            "|---|" + "---|" * len(candidates)]

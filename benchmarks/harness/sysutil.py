@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,9 +96,12 @@ def stop_daemon(proc: subprocess.Popen[bytes], mountpoint: str, grace: float = 1
     mounted at mountpoint any more."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
+        # A stopped daemon (see IdleDaemons) would keep the SIGTERM pending.
+        proc.send_signal(signal.SIGCONT)
         try:
             proc.wait(grace)
         except subprocess.TimeoutExpired:
+            _killing(proc.pid, grace)
             for m in mounts_under(mountpoint):
                 if m.mountpoint == mountpoint and m.fstype.startswith("fuse"):
                     abort_fuse(m)
@@ -162,6 +166,45 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def thread_states(pid: int) -> list[str]:
+    """The state letter (R, S, D, T, ...) of each of pid's threads; [] once it is gone."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError, IndexError):
+            states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+    return states
+
+
+def stopped(pid: int) -> bool:
+    """Every thread of pid is stopped by a signal (SIGSTOP): it runs no code."""
+    states = thread_states(pid)
+    return "T" in states and all(s in ("T", "Z", "X") for s in states)
+
+
+def wait_stopped(pid: int, timeout: float = 5) -> bool:
+    """After a SIGSTOP: each thread stops only when it next leaves the kernel."""
+    deadline = time.monotonic() + timeout
+    while not stopped(pid):
+        if not alive(pid) or time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    return True
+
+
+def wait_cpu_quiet(pid: int, quiet: float = 0.1, timeout: float = 3) -> bool:
+    """Wait until pid's CPU time has not grown for `quiet` seconds (True), at
+    most `timeout` seconds (False)."""
+    deadline = time.monotonic() + timeout
+    last = cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = cpu_seconds(pid)
+        if now == last:
+            return True
+        last = now
+    return False
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of pid and its descendants (threads included, exited ones too)."""
     ticks = 0
@@ -172,16 +215,25 @@ def cpu_seconds(pid: int) -> float:
     return ticks / CLK_TCK
 
 
+def _killing(pid: int, grace: float) -> None:
+    # Worth saying: the process had no chance to clean up (a FUSE daemon: to unmount).
+    sys.stderr.write(f"compare: process {pid} still there {grace:.0f} s after SIGTERM: "
+                     "SIGKILL\n")
+
+
 def terminate(pids: list[int], grace: float = 10) -> list[int]:
     """SIGTERM, wait up to grace, then SIGKILL; returns pids that still live after that."""
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
+            # A daemon a killed run left stopped keeps the SIGTERM pending until continued.
+            os.kill(pid, signal.SIGCONT)
     deadline = time.monotonic() + grace
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     for pid in pids:
         if alive(pid):
+            _killing(pid, grace)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 5

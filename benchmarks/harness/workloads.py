@@ -61,6 +61,8 @@ class Measured:
     ops: int
     cpu: float | None  # daemon CPU seconds meanwhile (None: no daemon)
     device_read: int  # bytes read from the backing block device meanwhile
+    idle_cpu: float | None = None  # the other credfs daemons' CPU seconds meanwhile
+    idle_running: tuple[str, ...] = ()  # those of them that were not stopped
 
 
 @dataclass
@@ -73,6 +75,11 @@ class Sample:
     seconds: float
     cpu: float | None  # daemon CPU seconds during the row (None: no daemon)
     device_read: int  # bytes the backing device read: shows whether reads missed the cache
+    # The other credfs daemons (idle: not measured) during the row: their CPU
+    # seconds (None: there are none) and the names of those not stopped at
+    # its start or end. Stopped (see IdleDaemons), they accrue exactly 0.
+    idle_cpu: float | None = None
+    idle_running: tuple[str, ...] = ()
 
     @property
     def value(self) -> float:
@@ -93,6 +100,7 @@ class Env:
     sizes: Sizes
     timeout: float
     sticky_errno: int = 0  # the kernel's answer natively (set by prepare)
+    daemons: list[Candidate] = field(default_factory=list)  # the credfs ones (see measure)
     counter: dict[str, int] = field(default_factory=dict)
 
     def workdir(self, cand: Candidate, label: str, owner: int, mode: int) -> tuple[str, str]:
@@ -149,14 +157,21 @@ class Env:
 
     def measure(self, cand: Candidate, action: Callable[[], tuple[float, int]]) -> Measured:
         """Time, ops, daemon CPU and device reads of action, on a written-back
-        filesystem and compacted free memory."""
+        filesystem and compacted free memory; and what the idle credfs
+        daemons did meanwhile (nothing, when they are stopped)."""
         sysutil.syncfs(self.fs_root)
         sysutil.compact_memory()
+        idle = [c for c in self.daemons if c is not cand]
+        running = {c.name for c in idle if not c.stopped()}
+        i0 = sum(c.cpu() or 0.0 for c in idle)
         c0, d0 = cand.cpu(), sysutil.device_read_bytes(self.device)
         seconds, ops = action()
         c1, d1 = cand.cpu(), sysutil.device_read_bytes(self.device)
+        i1 = sum(c.cpu() or 0.0 for c in idle)
+        running |= {c.name for c in idle if not c.stopped()}
         cpu = None if c0 is None or c1 is None else c1 - c0
-        return Measured(seconds, ops, cpu, d1 - d0)
+        return Measured(seconds, ops, cpu, d1 - d0, i1 - i0 if idle else None,
+                        tuple(sorted(running)))
 
     def call(self, uid: int, name: str, *args: Any) -> tuple[float, int]:
         r = self.agents[uid].call(name, *args, timeout=self.timeout)
