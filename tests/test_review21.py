@@ -101,21 +101,10 @@ _DIRENT_HEADER = struct.Struct("=QqHB")  # d_ino, d_off, d_reclen, d_type
 def _listing_of(dir_fd: int) -> list[bytes]:
     """The names in an open directory, read with getdents64 alone: os.listdir
     would fstat the descriptor first (fdopendir), a GETATTR of its own."""
-    os.lseek(dir_fd, 0, os.SEEK_SET)
-    buf = ctypes.create_string_buffer(65536)
-    names: list[bytes] = []
-    while True:
-        got = _libc.syscall(_SYS_GETDENTS64, dir_fd, buf, len(buf))
-        if got < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-        if got == 0:
-            return sorted(n for n in names if n not in (b".", b".."))
-        pos = 0
-        while pos < got:
-            _ino, _off, reclen, _type = _DIRENT_HEADER.unpack_from(buf.raw, pos)
-            names.append(buf.raw[pos + _DIRENT_HEADER.size:pos + reclen].split(b"\0", 1)[0])
-            pos += reclen
+    names = _names_from(dir_fd, 0)
+    if isinstance(names, OSError):
+        raise names
+    return sorted(n for n in names if n not in (b".", b".."))
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="getdents64 syscall number of x86_64")

@@ -12,7 +12,6 @@ daemon acting for users can reach it.
 from __future__ import annotations
 
 import errno
-import stat
 import sys
 
 import pyfuse3
@@ -28,10 +27,7 @@ class EnosysFs(pyfuse3.Operations):
                       ) -> pyfuse3.EntryAttributes:
         if inode != pyfuse3.ROOT_INODE:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = inode
-        a.st_mode, a.st_nlink = stat.S_IFDIR | 0o777, 2
-        return a
+        return fsmain.root_attrs(0o777)
 
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

@@ -5,6 +5,7 @@ are received, serve until SIGTERM or SIGINT, unmount."""
 from __future__ import annotations
 
 import signal
+import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,15 @@ import pyfuse3
 import trio
 
 _ENDING = (signal.SIGTERM, signal.SIGINT)
+
+
+def root_attrs(mode: int = 0o755) -> pyfuse3.EntryAttributes:
+    """The attributes of a helper filesystem's root directory (never cached)."""
+    a = pyfuse3.EntryAttributes()
+    a.st_ino = pyfuse3.ROOT_INODE
+    a.attr_timeout = 0
+    a.st_mode, a.st_nlink = stat.S_IFDIR | mode, 2
+    return a
 
 
 def serve(ops: pyfuse3.Operations, mountpoint: str, options: list[str],

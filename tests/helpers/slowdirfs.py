@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import signal
-import stat
 import sys
 
 import pyfuse3
@@ -47,11 +46,7 @@ class SlowDirFs(pyfuse3.Operations):
         if inode != pyfuse3.ROOT_INODE:
             raise pyfuse3.FUSEError(errno.ENOENT)
         await self._maybe_wait()
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = pyfuse3.ROOT_INODE
-        a.attr_timeout = 0
-        a.st_mode, a.st_nlink = stat.S_IFDIR | 0o755, 2
-        return a
+        return fsmain.root_attrs()
 
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

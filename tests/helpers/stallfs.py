@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import signal
-import stat
 import sys
 
 import pyfuse3
@@ -41,11 +40,7 @@ class StallFs(pyfuse3.Operations):
                 self.reported = True
                 print("stalled", flush=True)
             await released.wait()
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = pyfuse3.ROOT_INODE
-        a.attr_timeout = 0
-        a.st_mode, a.st_nlink = stat.S_IFDIR | 0o755, 2
-        return a
+        return fsmain.root_attrs()
 
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
