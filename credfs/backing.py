@@ -463,16 +463,18 @@ except ImportError:
     _listdir_packed = None
 
 
-def list_dir_packed(dir_fh: int, first_off: int) -> PackedListing:
+def list_dir_packed(dir_fh: int, first_off: int) -> tuple[PackedListing, bool]:
     """list_dir's entries as a pyfuse3.PackedListing (needs a pyfuse3 built
-    with scripts/pyfuse3-readpack.patch) whose first entry has offset first_off."""
+    with scripts/pyfuse3-readpack.patch) whose first entry has offset first_off;
+    and whether it is the same for every opener (no type had to be asked)."""
     assert _listdir_packed is not None
     packed = _listdir_packed(dir_fh, first_off)
-    if packed.unknown_types:  # d_type unknown: the type as the caller can lstat it
-        for i, (name, type_bits, _ino) in enumerate(packed.entries()):
-            if not type_bits:
-                packed.set_type(i, _lstat_type(dir_fh, name))
-    return packed
+    if not packed.unknown_types:
+        return packed, True
+    for i, (name, type_bits, _ino) in enumerate(packed.entries()):
+        if not type_bits:  # d_type unknown: the type as the caller can lstat it
+            packed.set_type(i, _lstat_type(dir_fh, name))
+    return packed, False
 
 
 def _lstat_type(dir_fh: int, name: bytes) -> int:

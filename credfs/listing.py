@@ -51,9 +51,9 @@ Snapshot = Union[list[DirEntry], "PackedListing"]
 INLINE_MAX_BYTES = 32 * 1024
 
 
-def inline_size(dir_fh: int) -> bool:
-    """Is the open directory small enough to read on the event loop?"""
-    return os.fstat(dir_fh).st_size <= INLINE_MAX_BYTES
+def inline_size(st: os.stat_result) -> bool:
+    """Is the directory (its status) small enough to read on the event loop?"""
+    return st.st_size <= INLINE_MAX_BYTES
 
 
 def is_plain(token: pyfuse3.ReaddirToken) -> bool:

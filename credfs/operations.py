@@ -19,13 +19,13 @@ import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
-from . import acl, backing, caller, filters, listing, syscalls
+from . import acl, backing, caller, filters, listing, passes, syscalls
 from .cache import CachePolicy, NameCache
 from .caller import CallerResolver
 from .continuation import Continuations, mknod_is_exclusive
@@ -47,6 +47,9 @@ from .passthrough import Choice, Io, Passthrough, binding_supports, kills_setid,
 from .policy import Decision, ObjectFacts
 from .pressure import DescriptorPressure
 from .workers import WorkerPool
+
+if TYPE_CHECKING:
+    from pyfuse3 import PackedListing
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +180,7 @@ class Operations(pyfuse3.Operations):
         self.enable_acl = identity.kernel_checks_permissions
         self.gate = gate
         self._handles: dict[int, Handle] = {}
+        self.passes = passes.Passes()  # directory passes later openers may take
         self._caps_plain: dict[int, bool] = {}  # per backing device: see _caps_read_by_anyone
         self._next_fh = 1
 
@@ -944,19 +948,15 @@ class Operations(pyfuse3.Operations):
         parent = self.table.get(h.node)
         if start_id == 0 or h.entries is None:
             # A snapshot per pass: offsets stay stable while the directory changes.
-            # A large directory is read by a worker: its getdents run without
-            # the GIL, so the loop serves others meanwhile, another lister's
-            # pass included. Its size is asked only on a local device: fstat
-            # on any other may wait on a server, and the loop with it.
-            local = parent if self._covers(parent) and listing.inline_size(h.fd) else None
             # Kept only once complete: a pass that fails half way (the
             # policy's probe) must leave nothing unfiltered for a listing
             # resumed at an offset.
             h.entries = None
             if h.decide is None and listing.PACKED:
-                h.entries = await self._run(h.creds, backing.list_dir_packed, h.fd,
-                                            listing.FIRST_OFF, local=local)
+                h.entries = await self._packed_pass(fh, h, parent)
             else:
+                local = parent if self._covers(parent) \
+                    and listing.inline_size(os.fstat(h.fd)) else None
                 entries = await self._run(h.creds, backing.list_dir, h.fd, local=local)
                 if h.decide is not None:
                     entries, h.owners = await self._visible(h, entries)
@@ -992,6 +992,40 @@ class Operations(pyfuse3.Operations):
                 elif not listing.reply_unlinked(token, entries, pos + i, pos + j):
                     return
             pos += len(chunk)
+
+    async def _packed_pass(self, fh: int, h: Handle, parent: Inode) -> PackedListing:
+        """The directory as it is now, without a policy: another opener's pass
+        when it shows just that (see passes.py), else a pass of h's own.
+
+        A large directory is read by a worker: its getdents run without the
+        GIL, so the loop serves others meanwhile, another lister's pass
+        included. Its status is asked only on a local device: fstat on any
+        other may wait on a server, and the loop with it."""
+        if not self._covers(parent):
+            packed, _ = await self._run(h.creds, backing.list_dir_packed, h.fd,
+                                        listing.FIRST_OFF)
+            return packed
+        clock = passes.clock_ns()
+        st = os.fstat(h.fd)
+        joined = self.passes.joinable(h.node, passes.stamp(st))
+        if joined is not None:
+            await joined.done.wait()
+            if joined.snapshot is not None:
+                return joined.snapshot
+            clock = passes.clock_ns()  # it failed: a pass of h's own, as of now
+            st = os.fstat(h.fd)
+        offered = self.passes.begin(h.node, fh, st, clock)
+        shareable: PackedListing | None = None
+        try:
+            packed, as_anyone = await self._run(
+                h.creds, backing.list_dir_packed, h.fd, listing.FIRST_OFF,
+                local=parent if listing.inline_size(st) else None)
+            if as_anyone:
+                shareable = packed
+        finally:
+            if offered is not None:
+                self.passes.end(h.node, offered, shareable)
+        return packed
 
     def _in_kernel(self, parent: Inode, entry: backing.DirEntry) -> bool:
         """Is the listed name a node the kernel got from us by this very name
@@ -1107,6 +1141,7 @@ class Operations(pyfuse3.Operations):
     async def releasedir(self, fh: int) -> None:
         h = self._handles.pop(fh, None)
         if h is not None:
+            self.passes.release(h.node, fh)
             await self._run(h.creds, backing.close, h.fd)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:

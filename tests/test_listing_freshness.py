@@ -1,9 +1,9 @@
 """A listing shows the directory as it was at some time since the opendir
 (readdir(3): names there at opendir must appear), also while another opener's
-pass over the same directory is in flight in the daemon: each opener gets a
-pass of its own. (Sharing one pass between openers listing at once was tried
-and dropped: a pass already reading may predate the second opener's
-rewinddir, which the daemon never hears of; see test_review23.)
+pass over the same directory is in flight in the daemon. A later opener takes
+that pass only when the directory has not changed since it began (passes.py):
+a pass already reading may predate the later opener's opendir or rewinddir,
+which the daemon never hears of (see test_review23).
 
 The daemon's passes are held at will: a fanotify group of the test's own
 asks permission for every read of the backing directory (FAN_ACCESS_PERM,
@@ -25,9 +25,10 @@ from pathlib import Path
 
 import pyfuse3
 import pytest
+from helpers.agents import UserAgent
 from helpers.mounts import CredfsMount
 
-from credfs import listing
+from credfs import listing, passes
 
 pytestmark = pytest.mark.skipif(
     not hasattr(pyfuse3, "readdir_reply_packed"),
@@ -143,6 +144,14 @@ def _logged(mount: CredfsMount, text: str, timeout: float = TIMEOUT) -> bool:
     return True
 
 
+def settle(d: Path) -> None:
+    """Wait until a later change must alter the directory's status, so that
+    its passes may be shared (passes.settled)."""
+    st = os.stat(d)
+    while not passes.settled(st, passes.clock_ns()):
+        time.sleep(0.01)
+
+
 @pytest.fixture
 def setup(backing: Path, mnt: Path, mount_credfs: Callable[..., CredfsMount]
           ) -> Iterator[tuple[ReadGate, Path, Path, CredfsMount]]:
@@ -151,6 +160,7 @@ def setup(backing: Path, mnt: Path, mount_credfs: Callable[..., CredfsMount]
     for name in FILES:
         (d / name).touch()
     assert os.stat(d).st_size > listing.INLINE_MAX_BYTES
+    settle(d)
     m = mount_credfs("--log-level", "debug")
     assert m.pid is not None
     gate = ReadGate(d, m.pid)
@@ -187,3 +197,55 @@ def test_a_pass_in_flight_does_not_stand_in_for_a_later_opendir(
     b = listers[1].names
     # "made" was there before the second opendir: its listing must show it.
     assert isinstance(b, set) and b == set(FILES) | {"made"}, b
+
+
+def test_openers_of_an_unchanged_directory_share_one_pass(
+        setup: tuple[ReadGate, Path, Path, CredfsMount],
+        make_agent: Callable[..., UserAgent]) -> None:
+    """Two users listing one directory at once: the second takes the first's
+    pass (the daemon reads the directory once) and both get the native listing."""
+    gate, direct, via, _mount = setup
+    other = make_agent(2001, 2001, [])
+    fd = os.open(via, os.O_RDONLY | os.O_DIRECTORY)
+    first = Lister(fd)
+    second: list[list[str]] = []
+    later = threading.Thread(target=lambda: second.append(other.call("listdir", str(via))),
+                             daemon=True)
+    try:
+        first.start()
+        assert gate.wait_held(1), "the first listing never read the backing directory"
+        later.start()
+        # The second lister waits for the held pass instead of reading itself.
+        assert not gate.wait_held(2, timeout=1.0), "the second opener read the directory again"
+        assert later.is_alive()
+    finally:
+        _listers_done(gate, [first])
+        later.join(TIMEOUT)
+        os.close(fd)
+    assert not later.is_alive(), "the second listing did not end once let"
+    native = set(os.listdir(direct))
+    assert first.names == native
+    assert second and set(second[0]) == native
+
+
+def test_a_pass_over_a_directory_changed_just_before_is_not_shared(
+        setup: tuple[ReadGate, Path, Path, CredfsMount]) -> None:
+    """A directory whose times are not yet older than a clock tick (here in
+    the future) could change again without its status changing: its pass is
+    its opener's alone, though nothing changes while it is held."""
+    gate, direct, via, _mount = setup
+    future = time.time() + 3600
+    os.utime(direct, (future, future))
+    fds = [os.open(via, os.O_RDONLY | os.O_DIRECTORY) for _ in range(2)]
+    listers = [Lister(fd) for fd in fds]
+    try:
+        listers[0].start()
+        assert gate.wait_held(1), "the first listing never read the backing directory"
+        listers[1].start()
+        assert gate.wait_held(2), "the second opener took a pass that proves nothing"
+    finally:
+        _listers_done(gate, listers)
+        for fd in fds:
+            os.close(fd)
+    native = set(os.listdir(direct))
+    assert [t.names for t in listers] == [native, native]

@@ -5,7 +5,8 @@ tell the daemon. After it, POSIX wants the listing to show the directory's
 current state, as a new opendir would. CPython's os.listdir(fd) and
 os.scandir(fd) rewind before they read, so this is the common way to list an
 already open directory. It failed when credfs let a listing take a pass
-another opener had started (since dropped: see test_listing_freshness).
+another opener had started, whatever had changed since. A pass is taken now
+only when the directory's status shows no change since it began (passes.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import pyfuse3
 import pytest
 from helpers.mounts import CredfsMount
-from test_listing_freshness import FILES, TIMEOUT, Lister, ReadGate
+from test_listing_freshness import FILES, TIMEOUT, Lister, ReadGate, settle
 
 from credfs import listing
 
@@ -67,6 +68,7 @@ def test_a_rewind_before_the_first_read_shows_the_current_directory(
         (d / name).touch()
     assert os.stat(d).st_size > listing.INLINE_MAX_BYTES
     victim = _early_name(d)
+    settle(d)  # its pass is offered to later openers: only the change may stop them
     m = mount_credfs("--log-level", "debug")
     assert m.pid is not None
     via = mnt / "d"
