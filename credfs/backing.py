@@ -19,6 +19,7 @@ import mmap
 import os
 import stat
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -475,6 +476,27 @@ def list_dir_packed(dir_fh: int, first_off: int) -> tuple[PackedListing, bool]:
         if not type_bits:  # d_type unknown: the type as the caller can lstat it
             packed.set_type(i, _lstat_type(dir_fh, name))
     return packed, False
+
+
+def read_pass(dir_fh: int, packed: PackedListing, progress: Callable[[int], None],
+              bufsize: int = 32 * 1024) -> bool:
+    """Append every entry of the open directory, read from its start, to
+    packed, one getdents64 of bufsize at a time; progress(n) after each, n
+    entries being final then (unknown types looked up as the caller). True
+    when no type had to be looked up (the listing is every opener's)."""
+    assert _listdir_packed is not None
+    os.lseek(dir_fh, 0, os.SEEK_SET)
+    as_anyone = True
+    seen = len(packed)
+    while packed.read_more(dir_fh, bufsize):
+        if packed.unknown_types:
+            as_anyone = False
+            for i, (name, type_bits, _ino) in enumerate(packed.entries(seen), start=seen):
+                if not type_bits:
+                    packed.set_type(i, _lstat_type(dir_fh, name))
+        seen = len(packed)
+        progress(seen)
+    return as_anyone
 
 
 def _lstat_type(dir_fh: int, name: bytes) -> int:

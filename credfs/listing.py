@@ -51,6 +51,12 @@ Snapshot = Union[list[DirEntry], "PackedListing"]
 INLINE_MAX_BYTES = 32 * 1024
 
 
+# Entries a plain reply from a pass still being read waits for (or for its
+# end): a kernel buffer's worth of names (32 KiB, as glibc's readdir asks
+# for, holds ~800 of 10 bytes), so that a reply is rarely cut short.
+STREAM_AHEAD = 1024
+
+
 def inline_size(st: os.stat_result) -> bool:
     """Is the directory (its status) small enough to read on the event loop?"""
     return st.st_size <= INLINE_MAX_BYTES
@@ -83,21 +89,22 @@ def reply_dots(token: pyfuse3.ReaddirToken, start_id: int, dir_node: int) -> boo
 
 
 def reply_plain(token: pyfuse3.ReaddirToken, entries: Snapshot,
-                start_id: int, dir_node: int) -> None:
-    """Fill a plain reply from offset start_id of "." and ".." and entries.
+                start_id: int, dir_node: int, stop: int) -> None:
+    """Fill a plain reply from offset start_id of "." and ".." and the
+    entries before index stop (those read so far).
 
     Offsets are positions in this listing: entry i has offset DOTS + i + 1.
     """
     if not reply_dots(token, start_id, dir_node):
         return
     pos = max(start_id, DOTS) - DOTS
-    if pos >= len(entries):
+    if pos >= stop:
         return
     # One call for the whole chunk: the kernel's buffer decides where it ends.
-    if isinstance(entries, list):
+    if isinstance(entries, list):  # always whole: read in one go
         pyfuse3.readdir_reply_plain(token, entries, pos, DOTS + pos + 1)
     else:
-        pyfuse3.readdir_reply_packed(token, entries, pos)
+        pyfuse3.readdir_reply_packed(token, entries, pos, stop)
 
 
 def reply_unlinked(token: pyfuse3.ReaddirToken, entries: PackedListing,

@@ -19,8 +19,9 @@ import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
+import outcome
 import pyfuse3
 import trio
 from pyfuse3 import FUSEError
@@ -47,9 +48,6 @@ from .passthrough import Choice, Io, Passthrough, binding_supports, kills_setid,
 from .policy import Decision, ObjectFacts
 from .pressure import DescriptorPressure
 from .workers import WorkerPool
-
-if TYPE_CHECKING:
-    from pyfuse3 import PackedListing
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +105,7 @@ class Handle:
     creds: Credentials  # the opener's: every later operation on it runs as them
     kill_privs: bool = False  # writes must clear setuid/setgid (see IdentitySource)
     entries: listing.Snapshot | None = None
+    listed: passes.Pass | None = None  # readdir without a policy: the pass entries come from
     node: int = 0
     io: Io = Io.CACHED  # how the kernel does this open file's reads and writes
     filters: tuple[str, ...] = ()  # data filters decided at open, applied to every read
@@ -953,7 +952,8 @@ class Operations(pyfuse3.Operations):
             # resumed at an offset.
             h.entries = None
             if h.decide is None and listing.PACKED:
-                h.entries = await self._packed_pass(fh, h, parent)
+                h.listed = await self._packed_pass(fh, h, parent)
+                h.entries = h.listed.snapshot
             else:
                 local = parent if self._covers(parent) \
                     and listing.inline_size(os.fstat(h.fd)) else None
@@ -961,21 +961,23 @@ class Operations(pyfuse3.Operations):
                 if h.decide is not None:
                     entries, h.owners = await self._visible(h, entries)
                 h.entries = entries
+        entries = h.entries
+        pos = max(start_id, _DOTS) - _DOTS
         if listing.is_plain(token):
-            listing.reply_plain(token, h.entries, start_id, h.node)
+            ready = await self._ready(h, pos + listing.STREAM_AHEAD)
+            listing.reply_plain(token, entries, start_id, h.node, ready)
             return
         # Offsets 0 and 1 are "." and "..": the kernel takes no reference for
         # them, so they get no node of their own (d_ino is the directory's).
-        for pos in range(start_id, _DOTS):
-            if not pyfuse3.readdir_reply(token, (b".", b"..")[pos], self._dot_attrs(h.node),
-                                         pos + 1):
+        for dot in range(start_id, _DOTS):
+            if not pyfuse3.readdir_reply(token, (b".", b"..")[dot], self._dot_attrs(h.node),
+                                         dot + 1):
                 return
-        entries = h.entries
-        pos = max(start_id, _DOTS) - _DOTS
         batch = 32
         nodes_pay: bool | None = None  # asked once, when a name is not in the kernel yet
-        while pos < len(entries):
-            chunk = listing.entries_of(entries, pos, pos + batch)
+        ready = await self._ready(h, pos + 1)
+        while pos < ready:
+            chunk = listing.entries_of(entries, pos, min(pos + batch, ready))
             if listing.is_packed(entries):
                 # A node only where it can be of use (see _nodes_pay); the rest
                 # are listed without one, as in a plain reply.
@@ -992,40 +994,76 @@ class Operations(pyfuse3.Operations):
                 elif not listing.reply_unlinked(token, entries, pos + i, pos + j):
                     return
             pos += len(chunk)
+            if pos == ready:
+                ready = await self._ready(h, pos + 1)
 
-    async def _packed_pass(self, fh: int, h: Handle, parent: Inode) -> PackedListing:
+    async def _ready(self, h: Handle, want: int) -> int:
+        """How many of the open directory's listed entries may be replied: in a
+        pass still being read, once want are or it has ended."""
+        if h.listed is None:
+            assert h.entries is not None
+            return len(h.entries)
+        try:
+            return await h.listed.until(want)
+        except OSError as exc:
+            raise FUSEError(exc.errno or errno.EIO) from None
+
+    async def _packed_pass(self, fh: int, h: Handle, parent: Inode) -> passes.Pass:
         """The directory as it is now, without a policy: another opener's pass
         when it shows just that (see passes.py), else a pass of h's own.
 
-        A large directory is read by a worker: its getdents run without the
-        GIL, so the loop serves others meanwhile, another lister's pass
-        included. Its status is asked only on a local device: fstat on any
-        other may wait on a server, and the loop with it."""
+        A large directory is read by a worker, streamed (passes.Pass): its
+        getdents run without the GIL, so the loop serves others meanwhile,
+        this opener's first chunks included. Its status is asked only on a
+        local device: fstat on any other may wait on a server, and the loop
+        with it."""
+        if h.listed is not None and not h.listed.complete:
+            # A rewind while h's last pass still reads: that pass reads on a
+            # copy of h's descriptor, which shares its file offset.
+            await h.listed.done.wait()
         if not self._covers(parent):
-            packed, _ = await self._run(h.creds, backing.list_dir_packed, h.fd,
-                                        listing.FIRST_OFF)
-            return packed
+            packed, as_anyone = await self._run(h.creds, backing.list_dir_packed, h.fd,
+                                                listing.FIRST_OFF)
+            return passes.Pass.whole(packed, fh, as_anyone)
         clock = passes.clock_ns()
         st = os.fstat(h.fd)
         joined = self.passes.joinable(h.node, passes.stamp(st))
         if joined is not None:
             await joined.done.wait()
-            if joined.snapshot is not None:
-                return joined.snapshot
-            clock = passes.clock_ns()  # it failed: a pass of h's own, as of now
+            if joined.shareable:
+                return joined
+            clock = passes.clock_ns()  # of no use: a pass of h's own, as of now
             st = os.fstat(h.fd)
-        offered = self.passes.begin(h.node, fh, st, clock)
-        shareable: PackedListing | None = None
-        try:
-            packed, as_anyone = await self._run(
-                h.creds, backing.list_dir_packed, h.fd, listing.FIRST_OFF,
-                local=parent if listing.inline_size(st) else None)
+        if listing.inline_size(st):
+            packed, as_anyone = await self._run(h.creds, backing.list_dir_packed, h.fd,
+                                                listing.FIRST_OFF, local=parent)
+            p = passes.Pass.whole(packed, fh, as_anyone)
             if as_anyone:
-                shareable = packed
-        finally:
-            if offered is not None:
-                self.passes.end(h.node, offered, shareable)
-        return packed
+                self.passes.offer(h.node, p, st, clock)
+            return p
+        p = passes.Pass(pyfuse3.PackedListing(listing.FIRST_OFF), fh)
+        self.passes.offer(h.node, p, st, clock)
+        fd = os.dup(h.fd)  # h may be closed while its pass reads on
+
+        def finished(result: outcome.Outcome[bool]) -> None:
+            os.close(fd)
+            error: OSError | None = None
+            try:
+                p.as_anyone = result.unwrap()
+            except CredentialError:  # fail closed: the opener's listing fails
+                error = OSError(errno.EACCES, os.strerror(errno.EACCES))
+            except OSError as exc:
+                error = exc
+            except Exception:  # on the loop: must not end the daemon
+                log.exception("reading directory node %d", h.node)
+                error = OSError(errno.EIO, os.strerror(errno.EIO))
+            p.finish(error)
+            if not p.shareable:
+                self.passes.withdraw(h.node, p)
+
+        self.pool.submit(h.creds, 0, backing.read_pass, fd, p.snapshot,
+                         self.pool.on_loop(p.grew), done=finished)
+        return p
 
     def _in_kernel(self, parent: Inode, entry: backing.DirEntry) -> bool:
         """Is the listed name a node the kernel got from us by this very name

@@ -1,4 +1,10 @@
-"""One pass over a directory for openers listing it at once, where that is sound.
+"""A directory's pass, streamed to its opener; one pass for openers listing it
+at once, where that is sound.
+
+A pass reads a directory's entries from its start into a PackedListing. A
+large directory's pass is read by a worker while its opener is answered with
+what has been read so far (Pass.until), so the kernel copies one chunk out
+while the worker reads the next.
 
 Each opener of a directory reads it in a pass of its own by default:
 readdir(3) must show every name there at the opendir or the last rewinddir,
@@ -30,7 +36,6 @@ kernel sent credfs their OPENDIR, decided as them.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from typing import TYPE_CHECKING
@@ -69,17 +74,65 @@ def settled(st: os.stat_result, clock_before: int) -> bool:
     return max(st.st_ctime_ns, st.st_mtime_ns) + margin < clock_before
 
 
-@dataclasses.dataclass(eq=False)
 class Pass:
-    stamp: Stamp  # the directory's, taken right before the pass read it
-    owner: int  # the open directory (fh) whose pass it is
-    done: trio.Event = dataclasses.field(default_factory=trio.Event)
-    snapshot: PackedListing | None = None  # once done; None if it failed or is the opener's own
+    """One read of a directory's entries into a PackedListing, from its start.
+
+    A large directory's pass is read by a worker while its opener is already
+    answered (streamed): `ready` counts the entries read so far whose records
+    are final, and the opener's requests wait for more as they need them, so
+    that the kernel copies out one chunk while the worker reads the next."""
+
+    def __init__(self, snapshot: PackedListing, owner: int) -> None:
+        self.snapshot = snapshot
+        self.owner = owner  # the open directory (fh) whose pass it is
+        self.stamp: Stamp | None = None  # set when offered to later openers
+        self.ready = 0
+        self.complete = False
+        self.error: OSError | None = None  # why the pass ended early
+        self.as_anyone = True  # no entry's type had to be asked as the opener
+        self.done = trio.Event()
+        self._grown = trio.Event()
+
+    @classmethod
+    def whole(cls, snapshot: PackedListing, owner: int, as_anyone: bool) -> Pass:
+        """A pass already read to its end."""
+        p = cls(snapshot, owner)
+        p.as_anyone = as_anyone
+        p.grew(len(snapshot))
+        p.finish(None)
+        return p
+
+    @property
+    def shareable(self) -> bool:
+        """Complete, whole, and alike for every opener."""
+        return self.complete and self.error is None and self.as_anyone
+
+    def grew(self, ready: int) -> None:
+        """On the loop: the first `ready` entries are final."""
+        self.ready = ready
+        self._grown.set()
+        self._grown = trio.Event()
+
+    def finish(self, error: OSError | None) -> None:
+        """On the loop: the pass ended (error: early)."""
+        self.error = error
+        self.complete = True
+        self._grown.set()
+        self.done.set()
+
+    async def until(self, n: int) -> int:
+        """How many entries are ready once at least n are, or the pass ended;
+        its error when it ended early and no more than ready are."""
+        while self.ready < n and not self.complete:
+            await self._grown.wait()
+        if self.error is not None and self.ready < n:
+            raise self.error
+        return self.ready
 
 
 class Passes:
-    """The latest shareable pass over each directory node; one per node, held
-    while its opener keeps the directory open."""
+    """The latest pass offered to later openers of each directory node; one
+    per node, offered while its opener keeps the directory open."""
 
     def __init__(self) -> None:
         self._latest: dict[int, Pass] = {}
@@ -90,21 +143,19 @@ class Passes:
         p = self._latest.get(node)
         return p if p is not None and p.stamp == now else None
 
-    def begin(self, node: int, owner: int, st: os.stat_result, clock_before: int
-              ) -> Pass | None:
-        """A pass about to read the directory, offered to later openers when
-        settled; None when it is not (it is then the opener's alone)."""
+    def offer(self, node: int, p: Pass, st: os.stat_result, clock_before: int) -> bool:
+        """Offer a pass about to read the directory, whose status st was taken
+        right before, to later openers: only when settled."""
         if not settled(st, clock_before):
-            return None
-        p = self._latest[node] = Pass(stamp(st), owner)
-        return p
+            return False
+        p.stamp = stamp(st)
+        self._latest[node] = p
+        return True
 
-    def end(self, node: int, p: Pass, snapshot: PackedListing | None) -> None:
-        """The pass has read the directory (snapshot), or failed or turned out
-        to be the opener's own (None): openers waiting for it go on."""
-        p.snapshot = snapshot
-        p.done.set()
-        if snapshot is None and self._latest.get(node) is p:
+    def withdraw(self, node: int, p: Pass) -> None:
+        """The pass turned out to be of no use to others (failed, or its
+        opener had to ask for a type)."""
+        if self._latest.get(node) is p:
             del self._latest[node]
 
     def release(self, node: int, owner: int) -> None:

@@ -69,6 +69,26 @@ class WorkerPool:
         return await trio.lowlevel.wait_task_rescheduled(  # type: ignore[no-any-return]
             lambda _: trio.lowlevel.Abort.FAILED)
 
+    def submit(self, creds: Credentials, umask: int, fn: Callable[..., T], *args: Any,
+               done: Callable[[outcome.Outcome[T]], None]) -> None:
+        """Run fn(*args) in a worker switched to creds without waiting for it:
+        done(its outcome) runs on the event loop afterwards."""
+        self._jobs.put((creds, umask, fn, args, self.on_loop(done)))
+
+    def on_loop(self, fn: Callable[..., None]) -> Callable[..., None]:
+        """fn, to be called from a worker: it then runs on the event loop (not
+        at all once the loop has ended, as when the daemon stops)."""
+        token = self._token
+        assert token is not None
+
+        def soon(*args: Any) -> None:
+            try:
+                token.run_sync_soon(fn, *args)
+            except trio.RunFinishedError:
+                pass
+
+        return soon
+
     def _work(self) -> None:
         try:
             identity = ThreadIdentity()

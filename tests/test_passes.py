@@ -8,8 +8,14 @@ with the kernel's own status of a real directory.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
+
+import pyfuse3
+import pytest
+import trio
+import trio.testing
 
 from credfs import passes
 
@@ -46,12 +52,19 @@ def test_a_change_to_the_directory_changes_its_stamp(tmp_path: Path) -> None:
     assert passes.stamp(os.stat(tmp_path)) not in (before, after)
 
 
+def _pass(owner: int) -> passes.Pass:
+    if not hasattr(pyfuse3, "PackedListing"):
+        pytest.skip("stock pyfuse3: no packed listings (scripts/pyfuse3-readpack.patch)")
+    return passes.Pass(pyfuse3.PackedListing(3), owner)
+
+
 def test_a_pass_is_offered_until_its_opener_closes_the_directory(tmp_path: Path) -> None:
     table = passes.Passes()
     clock = passes.clock_ns() + 10 * passes.SETTLED_SECONDS_NS  # the directory looks old
     st = os.stat(tmp_path)
-    p = table.begin(7, 1, st, clock)
-    assert p is not None and table.joinable(7, passes.stamp(st)) is p
+    p = _pass(1)
+    assert table.offer(7, p, st, clock)
+    assert table.joinable(7, passes.stamp(st)) is p
     assert table.joinable(8, passes.stamp(st)) is None  # another directory
     (tmp_path / "new").touch()
     assert table.joinable(7, passes.stamp(os.stat(tmp_path))) is None
@@ -61,12 +74,36 @@ def test_a_pass_is_offered_until_its_opener_closes_the_directory(tmp_path: Path)
     assert table.joinable(7, passes.stamp(st)) is None and len(table) == 0
 
 
-def test_a_failed_or_private_pass_is_offered_no_more(tmp_path: Path) -> None:
+def test_an_unsettled_or_withdrawn_pass_is_offered_no_more(tmp_path: Path) -> None:
     table = passes.Passes()
     st = os.stat(tmp_path)
-    assert table.begin(7, 1, st, passes.clock_ns()) is None  # not settled: not offered
-    p = table.begin(7, 1, st, passes.clock_ns() + 10 * passes.SETTLED_SECONDS_NS)
-    assert p is not None
-    table.end(7, p, None)
-    assert p.done.is_set() and p.snapshot is None
+    assert not table.offer(7, _pass(1), st, passes.clock_ns())  # just made: not settled
+    p = _pass(1)
+    assert table.offer(7, p, st, passes.clock_ns() + 10 * passes.SETTLED_SECONDS_NS)
+    table.withdraw(7, p)
     assert table.joinable(7, passes.stamp(st)) is None
+
+
+def test_a_streamed_pass_answers_as_far_as_it_has_read() -> None:
+    async def main() -> None:
+        p = _pass(1)
+        got: list[int] = []
+
+        async def reader(want: int) -> None:
+            got.append(await p.until(want))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader, 5)
+            await trio.testing.wait_all_tasks_blocked()
+            p.grew(3)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == []  # 3 are not the 5 it waits for
+            p.grew(8)
+        assert got == [8]
+        p.finish(OSError(errno.EIO, "gone"))
+        assert await p.until(8) == 8  # what was read stays good
+        with pytest.raises(OSError):
+            await p.until(9)
+        assert p.done.is_set() and not p.shareable
+
+    trio.run(main)
