@@ -152,15 +152,21 @@ def settle(d: Path) -> None:
         time.sleep(0.01)
 
 
-@pytest.fixture
-def setup(backing: Path, mnt: Path, mount_credfs: Callable[..., CredfsMount]
-          ) -> Iterator[tuple[ReadGate, Path, Path, CredfsMount]]:
+def large_dir(backing: Path) -> Path:
+    """backing/d with FILES: read by a worker, and settled (its pass offered)."""
     d = backing / "d"
     d.mkdir()
     for name in FILES:
         (d / name).touch()
     assert os.stat(d).st_size > listing.INLINE_MAX_BYTES
     settle(d)
+    return d
+
+
+@pytest.fixture
+def setup(backing: Path, mnt: Path, mount_credfs: Callable[..., CredfsMount]
+          ) -> Iterator[tuple[ReadGate, Path, Path, CredfsMount]]:
+    d = large_dir(backing)
     m = mount_credfs("--log-level", "debug")
     assert m.pid is not None
     gate = ReadGate(d, m.pid)
@@ -177,23 +183,35 @@ def _listers_done(gate: ReadGate, listers: list[Lister]) -> None:
     assert not any(t.is_alive() for t in listers), "a listing did not end once let"
 
 
-def test_a_pass_in_flight_does_not_stand_in_for_a_later_opendir(
-        setup: tuple[ReadGate, Path, Path, CredfsMount]) -> None:
-    gate, direct, via, _mount = setup
-    fds = [os.open(via, os.O_RDONLY | os.O_DIRECTORY)]
-    listers = [Lister(fds[0])]
+def _two_passes(gate: ReadGate, first_fd: int, second: Callable[[], int]) -> list[Lister]:
+    """Lists first_fd until its pass is held, then the directory second()
+    opens: the second lister must get a pass of its own (the gate holds two).
+    Both are let go, waited for and closed; their listers are returned."""
+    fds = [first_fd]
+    listers = [Lister(first_fd)]
     try:
         listers[0].start()
         assert gate.wait_held(1), "the first listing never read the backing directory"
-        (direct / "made").touch()
-        fds.append(os.open(via, os.O_RDONLY | os.O_DIRECTORY))  # after the pass started
+        fds.append(second())
         listers.append(Lister(fds[1]))
         listers[1].start()
-        assert gate.wait_held(2), "the second opener got no pass of its own"
+        assert gate.wait_held(2), "the second opener took the first one's pass"
     finally:
         _listers_done(gate, listers)
         for fd in fds:
             os.close(fd)
+    return listers
+
+
+def test_a_pass_in_flight_does_not_stand_in_for_a_later_opendir(
+        setup: tuple[ReadGate, Path, Path, CredfsMount]) -> None:
+    gate, direct, via, _mount = setup
+
+    def second() -> int:
+        (direct / "made").touch()
+        return os.open(via, os.O_RDONLY | os.O_DIRECTORY)  # after the pass started
+
+    listers = _two_passes(gate, os.open(via, os.O_RDONLY | os.O_DIRECTORY), second)
     b = listers[1].names
     # "made" was there before the second opendir: its listing must show it.
     assert isinstance(b, set) and b == set(FILES) | {"made"}, b
@@ -236,16 +254,7 @@ def test_a_pass_over_a_directory_changed_just_before_is_not_shared(
     gate, direct, via, _mount = setup
     future = time.time() + 3600
     os.utime(direct, (future, future))
-    fds = [os.open(via, os.O_RDONLY | os.O_DIRECTORY) for _ in range(2)]
-    listers = [Lister(fd) for fd in fds]
-    try:
-        listers[0].start()
-        assert gate.wait_held(1), "the first listing never read the backing directory"
-        listers[1].start()
-        assert gate.wait_held(2), "the second opener took a pass that proves nothing"
-    finally:
-        _listers_done(gate, listers)
-        for fd in fds:
-            os.close(fd)
+    listers = _two_passes(gate, os.open(via, os.O_RDONLY | os.O_DIRECTORY),
+                          lambda: os.open(via, os.O_RDONLY | os.O_DIRECTORY))
     native = set(os.listdir(direct))
     assert [t.names for t in listers] == [native, native]

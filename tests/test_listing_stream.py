@@ -11,21 +11,20 @@ lister as an error, not as a short listing.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyfuse3
 import pytest
 from helpers.mounts import CredfsMount
-from test_listing_freshness import FILES, TIMEOUT, settle
+from test_listing_freshness import FILES, TIMEOUT, large_dir
 from test_review23 import SecondReadGate
-
-from credfs import listing
 
 pytestmark = pytest.mark.skipif(
     not hasattr(pyfuse3, "readdir_reply_packed"),
@@ -65,37 +64,36 @@ class StreamLister(threading.Thread):
             self.error = exc
 
 
-def _large_dir(backing: Path) -> Path:
-    d = backing / "d"
-    d.mkdir()
-    for name in FILES:
-        (d / name).touch()
-    assert os.stat(d).st_size > listing.INLINE_MAX_BYTES
-    settle(d)
-    return d
-
-
-def test_a_large_listing_is_answered_before_the_directory_is_read(
-        backing: Path, mnt: Path, mount_credfs: Callable[..., CredfsMount]) -> None:
-    d = _large_dir(backing)
+@contextlib.contextmanager
+def held_listing(backing: Path, mnt: Path, mount_credfs: Callable[..., CredfsMount],
+                 gate_class: type[SecondReadGate]) -> Iterator[tuple[Path, StreamLister]]:
+    """A lister of a large directory through a fresh mount, started, whose pass
+    the gate holds at its second read; let go (the gate's way) on leaving."""
+    d = large_dir(backing)
     m = mount_credfs()
     assert m.pid is not None
-    gate = SecondReadGate(d, m.pid)
+    gate = gate_class(d, m.pid)
     fd = os.open(mnt / "d", os.O_RDONLY | os.O_DIRECTORY)
     lister = StreamLister(fd)
     try:
         lister.start()
         assert gate.wait_held(1), "the pass never came to its second read"
-        deadline = time.monotonic() + TIMEOUT
-        while not lister.names and time.monotonic() < deadline:
-            time.sleep(0.01)
-        early = len(lister.names)
-        assert lister.is_alive(), "the listing ended while the pass was held"
+        yield d, lister
     finally:
         gate.close()
         lister.join(TIMEOUT)
         os.close(fd)
     assert not lister.is_alive(), "the listing did not end once let"
+
+
+def test_a_large_listing_is_answered_before_the_directory_is_read(
+        backing: Path, mnt: Path, mount_credfs: Callable[..., CredfsMount]) -> None:
+    with held_listing(backing, mnt, mount_credfs, SecondReadGate) as (d, lister):
+        deadline = time.monotonic() + TIMEOUT
+        while not lister.names and time.monotonic() < deadline:
+            time.sleep(0.01)
+        early = len(lister.names)
+        assert lister.is_alive(), "the listing ended while the pass was held"
     assert early > 0, "no name reached the lister before the pass had read the directory"
     assert lister.error is None
     assert sorted(lister.names) == sorted(os.listdir(d))
@@ -105,20 +103,8 @@ def test_a_pass_that_fails_half_way_fails_the_listing(
         backing: Path, mnt: Path, mount_credfs: Callable[..., CredfsMount]) -> None:
     """The names already given stay given; the rest is the error the backing
     read gave (as natively a getdents that fails), not an early end."""
-    d = _large_dir(backing)
-    m = mount_credfs()
-    assert m.pid is not None
-    gate = FailingSecondReadGate(d, m.pid)
-    fd = os.open(mnt / "d", os.O_RDONLY | os.O_DIRECTORY)
-    lister = StreamLister(fd)
-    try:
-        lister.start()
-        assert gate.wait_held(1), "the pass never came to its second read"
-    finally:
-        gate.close()
-        lister.join(TIMEOUT)
-        os.close(fd)
-    assert not lister.is_alive(), "the listing did not end once the read failed"
+    with held_listing(backing, mnt, mount_credfs, FailingSecondReadGate) as (d, lister):
+        pass
     assert isinstance(lister.error, OSError) and lister.error.errno == errno.EPERM, lister.error
     assert 0 < len(lister.names) < len(FILES)
     # The daemon serves on: a new listing is whole.
@@ -132,7 +118,7 @@ def test_a_rewind_while_the_pass_still_reads_lists_the_whole_directory(
     while its first pass is held, after a name was made behind the mount's
     back: the rewound listing shows it, and the new pass does not read the
     directory under the old one's feet (both read through one file offset)."""
-    d = _large_dir(backing)
+    d = large_dir(backing)
     m = mount_credfs()
     assert m.pid is not None
     gate = SecondReadGate(d, m.pid)
