@@ -1041,9 +1041,12 @@ class Operations(pyfuse3.Operations):
             if as_anyone:
                 self.passes.offer(h.node, p, st, clock)
             return p
+        try:
+            fd = os.dup(h.fd)  # h may be closed while its pass reads on
+        except OSError as exc:  # out of descriptors: this listing fails, not the daemon
+            raise FUSEError(exc.errno or errno.EIO) from None
         p = passes.Pass(pyfuse3.PackedListing(listing.FIRST_OFF), fh)
         self.passes.offer(h.node, p, st, clock)
-        fd = os.dup(h.fd)  # h may be closed while its pass reads on
 
         def finished(result: outcome.Outcome[bool]) -> None:
             os.close(fd)
