@@ -24,7 +24,9 @@ from a clock that lags by up to a tick and truncated to the filesystem's
 granularity; so a pass is shared only when its directory's times were
 already older than the clock read before its status by more than both
 (a settled directory). A directory changed within that margin before its
-pass (one still being filled, say) gets no sharing at all.
+pass (one still being filled, say) gets no sharing at all. (This trusts the
+wall clock not to be set back by more than the margin while a pass is
+offered, i.e. while its opener has the directory open.)
 
 Only listings every opener would get alike are shared: without a policy
 (which filters per caller), on a local filesystem (its fstat cannot wait on
