@@ -1031,6 +1031,7 @@ class Operations(pyfuse3.Operations):
         if joined is not None:
             await joined.done.wait()
             if joined.shareable:
+                log.debug("listing node %d: takes the pass of handle %d", h.node, joined.owner)
                 return joined
             clock = passes.clock_ns()  # of no use: a pass of h's own, as of now
             st = os.fstat(h.fd)

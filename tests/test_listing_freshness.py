@@ -222,7 +222,7 @@ def test_openers_of_an_unchanged_directory_share_one_pass(
         make_agent: Callable[..., UserAgent]) -> None:
     """Two users listing one directory at once: the second takes the first's
     pass (the daemon reads the directory once) and both get the native listing."""
-    gate, direct, via, _mount = setup
+    gate, direct, via, mount = setup
     other = make_agent(2001, 2001, [])
     fd = os.open(via, os.O_RDONLY | os.O_DIRECTORY)
     first = Lister(fd)
@@ -241,6 +241,7 @@ def test_openers_of_an_unchanged_directory_share_one_pass(
         later.join(TIMEOUT)
         os.close(fd)
     assert not later.is_alive(), "the second listing did not end once let"
+    assert _logged(mount, "takes the pass of handle"), "the daemon logged no shared pass"
     native = set(os.listdir(direct))
     assert first.names == native
     assert second and set(second[0]) == native
