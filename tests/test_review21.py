@@ -107,16 +107,22 @@ def _listing_of(dir_fd: int) -> list[bytes]:
     return sorted(n for n in names if n not in (b".", b".."))
 
 
+def _slow_and_other(backing: Path, serve_slowfs: Callable[[Path], SlowFs]
+                    ) -> tuple[Path, SlowFs]:
+    """backing/d with a slow filesystem mounted on d/slow beside a file d/other."""
+    d = backing / "d"
+    (d / "slow").mkdir(parents=True)
+    (d / "other").write_bytes(b"x")
+    return d, serve_slowfs(d / "slow")
+
+
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="getdents64 syscall number of x86_64")
 def test_listing_a_slow_device_holds_up_no_one(
         backing: Path, mnt: Path, serve_slowfs: Callable[[Path], SlowFs],
         mount_credfs: Callable[..., object]) -> None:
-    """listing.inline_size fstat()ed the open directory on the event loop,
+    """readdir fstat()ed the open directory on the event loop (to size it),
     whatever its device: on a slow one every caller waited for it."""
-    d = backing / "d"
-    (d / "slow").mkdir(parents=True)
-    (d / "other").write_bytes(b"x")
-    fs = serve_slowfs(d / "slow")
+    d, fs = _slow_and_other(backing, serve_slowfs)
     fd = os.open(d / "slow", os.O_RDONLY | os.O_DIRECTORY)
     try:
         lister = Call(_listing_of, fd)
@@ -140,10 +146,7 @@ def test_a_stat_on_a_slow_device_holds_up_no_one(
         mount_credfs: Callable[..., object]) -> None:
     """getattr fstat()ed the node's O_PATH descriptor on the event loop,
     whatever its device (found while reviewing the listing's fstat)."""
-    d = backing / "d"
-    (d / "slow").mkdir(parents=True)
-    (d / "other").write_bytes(b"x")
-    fs = serve_slowfs(d / "slow")
+    d, fs = _slow_and_other(backing, serve_slowfs)
     fd = os.open(d / "slow", os.O_RDONLY | os.O_DIRECTORY)
     try:
         native = other_waits_not(fs, Call(os.fstat, fd), d / "other")
