@@ -263,6 +263,19 @@ class Operations(pyfuse3.Operations):
         except CredentialError:
             raise FUSEError(errno.EACCES) from None
 
+    async def _close(self, h: Handle) -> None:
+        """Close h's backing descriptor: on the loop as whoever it is, on a
+        local filesystem (InlineRunner.close); elsewhere in a worker as the
+        opener (a close may flush to a server)."""
+        node = self.table.known(h.node)
+        if node is not None and self.inline is not None and self.inline.covers(node.key[0]):
+            try:
+                self.inline.close(h.fd)
+            except OSError as exc:
+                raise FUSEError(exc.errno or errno.EIO) from None
+            return
+        await self._run(h.creds, backing.close, h.fd)
+
     def _covers(self, node: Inode) -> bool:
         """Do operations on node's device run inline (see _run)?"""
         return self.inline is not None and self.inline.covers(node.key[0])
@@ -913,9 +926,7 @@ class Operations(pyfuse3.Operations):
         if h is not None:
             if self.passthrough is not None:
                 self.passthrough.released(h.node, h.io)
-            # Closing never waits on another process on a local filesystem.
-            node = self.table.known(h.node)
-            await self._run(h.creds, backing.close, h.fd, local=node)
+            await self._close(h)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self._handle(fh)
@@ -1184,7 +1195,7 @@ class Operations(pyfuse3.Operations):
         h = self._handles.pop(fh, None)
         if h is not None:
             self.passes.release(h.node, fh)
-            await self._run(h.creds, backing.close, h.fd)
+            await self._close(h)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         h = self._handle(fh)

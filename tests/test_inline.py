@@ -363,3 +363,35 @@ def test_inline_switch_that_cannot_be_made_fails_closed_and_restores() -> None:
     assert int(res["lent"]["CapEff"], 16) == 0 and res["lent"]["Umask"] == res["before"]["Umask"]
     assert res["refused"] and res["ran"] == [0]  # the refused operation never ran
     assert res["after_refusal"] == res["own"]
+
+
+def test_inline_close_keeps_whoever_the_thread_is() -> None:
+    """A RELEASE on a local filesystem closes its descriptor as whoever the
+    loop thread is at that moment (closing checks no permission): the thread
+    lent to alice closes a descriptor the daemon opened for bob, and is still
+    exactly alice's afterwards, with no switch made."""
+    from credfs.creds import Credentials
+    from credfs.inline import InlineRunner
+
+    def body() -> dict[str, Any]:
+        os.umask(0)
+        runner = InlineRunner()
+        bob = Credentials(2002, 2002, (2002,), 0)
+        fd = runner.run(bob, 0, os.open, "/dev/null", os.O_WRONLY)
+        runner.run(Credentials(2001, 2001, (2001, 3001), 0), 0o027, lambda: None)
+        lent = _thread_ids()
+        runner.close(fd)
+        try:
+            os.fstat(fd)
+            closed = False
+        except OSError as exc:
+            closed = exc.errno == errno.EBADF
+        return {"lent": lent, "after": _thread_ids(), "closed": closed}
+
+    out = _in_child(body)
+    assert "ok" in out, out
+    res = out["ok"]
+    assert res["closed"]
+    assert res["lent"]["Uid"].split()[3] == "2001" and res["lent"]["Groups"].split() == \
+        ["2001", "3001"]
+    assert res["after"] == res["lent"]
