@@ -576,17 +576,34 @@ def kill_privileges(fd: int) -> None:
         syscalls.fchmodat2_empty(fd, stat.S_IMODE(mode) & ~kill)
 
 
-def write(fh: int, off: int, data: bytes, kill_privs: bool = False) -> int:
+def drop_append(fh: int) -> None:
+    """Take O_APPEND off a backing descriptor opened with it, so that each
+    write appends or not as the caller's open file says at that write (see
+    write). It stays on an append-only file (chattr +a refuses: EPERM), and
+    then every write appends, as it must. The open itself was made with
+    O_APPEND, so who may open the file for writing was decided as natively."""
+    flags = fcntl.fcntl(fh, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fh, fcntl.F_SETFL, flags & ~os.O_APPEND)
+    except PermissionError:
+        pass
+
+
+def write(fh: int, off: int, data: bytes, kill_privs: bool = False,
+          append: bool = False) -> int:
+    """pwrite at off, or at the end of the file when append: the caller's
+    file has O_APPEND now (RWF_APPEND: per write, as fcntl can change it)."""
     if kill_privs:
         kill_privileges(fh)
+    rwf = os.RWF_APPEND if append else 0
     try:
-        return os.pwrite(fh, data, off)
+        return os.pwritev(fh, [data], off, rwf) if rwf else os.pwrite(fh, data, off)
     except OSError as exc:
         if not _direct(fh, exc) or not data:
             raise
         with mmap.mmap(-1, len(data)) as buf:  # page-aligned: see _direct
             buf[:] = data
-            return os.pwritev(fh, [buf], off)
+            return os.pwritev(fh, [buf], off, rwf)
 
 
 def fallocate(fh: int, mode: int, off: int, length: int, kill_privs: bool = False) -> None:

@@ -140,6 +140,10 @@ class Operations(pyfuse3.Operations):
     enable_killpriv_v2 = True
     # Plain readdir wherever readdirplus would not pay (see listing.py).
     enable_readdirplus_auto = listing.SUPPORTED
+    # write() gets the caller's file flags as they are at each write (a
+    # pyfuse3 built by scripts/build-pyfuse3.sh): O_APPEND set or cleared by
+    # fcntl(F_SETFL) after the open counts, as natively (see _append_per_write).
+    enable_write_flags = bool(getattr(pyfuse3, "WRITE_FLAGS", False))
     # Lookups and listings in one directory reach the daemon side by side
     # (FUSE_PARALLEL_DIROPS; scripts/pyfuse3-dirops.patch). Without it the
     # kernel holds a mutex of the directory around each, so that one slow
@@ -797,6 +801,7 @@ class Operations(pyfuse3.Operations):
             os.close(fd)  # no handle yet: the kernel will never release it
             raise
         handle = Handle(fd, creds, node=inode)
+        await self._append_per_write(handle, flags, node)
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         if writable:
             handle.kill_privs = act.source.kills_privileges(ctx)
@@ -865,6 +870,7 @@ class Operations(pyfuse3.Operations):
         entry = await self._created(act, self._enter(parent, name, found, epoch))
         handle = Handle(fd, creds, node=entry.st_ino,
                         kill_privs=act.source.kills_privileges(ctx))
+        await self._append_per_write(handle, flags, parent)
         choice = await self._choose_io(self.table.get(entry.st_ino), handle,
                                        flags & os.O_ACCMODE != os.O_RDONLY)
         return self._file_info(self._new_handle(handle), choice), entry
@@ -901,11 +907,27 @@ class Operations(pyfuse3.Operations):
             return await self._run(h.creds, filters.filtered_pread, h.fd, off, size, h.filters)
         return await self._run(h.creds, backing.read, h.fd, off, size)
 
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
+    async def write(self, fh: int, off: int, buf: bytes, flags: int = 0) -> int:
         # As the opener: the kernel clears setuid bits on write unless the
         # writer holds CAP_FSETID, so the writer must be the caller, not us.
+        # O_APPEND as the caller's file has it at this write (flags: 0 from
+        # a stock pyfuse3, whose opens keep O_APPEND on the backing file).
+        append = bool(flags & os.O_APPEND)
         h = self._handle(fh)
-        return await self._run(h.creds, backing.write, h.fd, off, buf, h.kill_privs)
+        return await self._run(h.creds, backing.write, h.fd, off, buf, h.kill_privs, append)
+
+    async def _append_per_write(self, h: Handle, flags: int, node: Inode) -> None:
+        """A file opened with O_APPEND: the backing descriptor keeps it only
+        when the kernel does not tell each write's flags (a stock pyfuse3) or
+        the file is append-only; otherwise each write appends as the caller's
+        file says then, so that fcntl(F_SETFL) clearing or setting O_APPEND
+        after the open counts. (Writes through kernel passthrough never come
+        here: the kernel's own backing file keeps the open's flags.)"""
+        if flags & os.O_APPEND and self.enable_write_flags:
+            try:
+                await self._run(h.creds, backing.drop_append, h.fd, local=node)
+            except FUSEError:
+                pass  # O_APPEND stays: every write appends, as before
 
     async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
         # As the opener, like write: the kernel checked the open file is

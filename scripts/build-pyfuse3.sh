@@ -14,7 +14,9 @@
 # pyfuse3-session.patch: a request loop without a task switch per request;
 # pyfuse3-sessionpoll.patch: main(poll_us=...), the loop polls /dev/fuse for
 # the next request in an adaptive window before sleeping on it;
-# pyfuse3-unique.patch: RequestContext.unique, the request id the kernel gave),
+# pyfuse3-unique.patch: RequestContext.unique, the request id the kernel gave;
+# pyfuse3-writeflags.patch: Operations.enable_write_flags, write() gets the
+# open file's flags as they are at that write),
 # linked to it by rpath.
 # The system's fusermount3 and kernel are used as they are.
 #

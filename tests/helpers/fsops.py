@@ -10,6 +10,7 @@ into ("err", errno).
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import mmap
 import os
 from typing import Any
@@ -309,6 +310,28 @@ def pwrite(path: str, data: bytes, offset: int) -> int:
     fd = os.open(path, os.O_WRONLY)
     try:
         return os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def writes_with_append_toggled(path: str, flags: int, steps: list[list[Any]]) -> list[int]:
+    """open(path, flags), then each step: ["write", bytes] (one write at the
+    file offset), ["append", bool] (fcntl F_SETFL sets or clears O_APPEND),
+    ["seek", offset]; close. The file offset after each step."""
+    fd = os.open(path, flags)
+    try:
+        offsets = []
+        for op, arg in steps:
+            if op == "write":
+                os.write(fd, arg)
+            elif op == "append":
+                fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+                fcntl.fcntl(fd, fcntl.F_SETFL,
+                            fl | os.O_APPEND if arg else fl & ~os.O_APPEND)
+            else:
+                os.lseek(fd, arg, os.SEEK_SET)
+            offsets.append(os.lseek(fd, 0, os.SEEK_CUR))
+        return offsets
     finally:
         os.close(fd)
 
