@@ -240,3 +240,30 @@ def test_next_run_removes_what_a_killed_run_left(sweeper: str) -> None:
     finally:
         _stop(proc)
         _clean()
+
+
+def test_rows_whose_repetitions_spread_wide_are_named() -> None:
+    """The report names each row whose repetitions lie more than
+    report.SPREAD_LIMIT apart for some candidate (a median of a noisy row
+    says little), and only those, in the text and the Markdown tables."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from harness import report
+        from harness.workloads import Row
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    rows = [("w", Row("steady", "ops/s", "op")), ("w", Row("noisy", "ops/s", "op"))]
+
+    def entry(row: str, cand: str, lo: float, hi: float) -> dict[str, object]:
+        return {"workload": "w", "row": row, "unit": "ops/s", "op": "op", "candidate": cand,
+                "reps": 3, "median": (lo + hi) / 2, "min": lo, "max": hi,
+                "ratio_to_native": 1.0, "cpu_us_per_op": None, "device_kib_per_op": None}
+    summary = [entry("steady", "native", 100, 140), entry("steady", "credfs", 50, 60),
+               entry("noisy", "native", 100, 110), entry("noisy", "credfs", 10, 90)]
+    assert report.wide_spreads(summary, rows, ["native", "credfs"]) == ["noisy: credfs 9.0x"]
+    assert "noisy: credfs 9.0x" in report.tables(summary, rows, ["native", "credfs"])
+    machine = dict.fromkeys(("cpu", "cores", "ram_gib", "os", "kernel", "python", "credfs",
+                             "mergerfs", "bindfs", "fio"), "x")
+    md = report.markdown(summary, rows, ["native", "credfs"], machine)
+    assert "where the median says little: noisy: credfs 9.0x." in md
+    assert "steady:" not in md

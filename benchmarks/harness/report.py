@@ -87,6 +87,35 @@ def summarize(samples: list[Sample], rows: list[tuple[str, Row]],
     return out
 
 
+# Repetitions of one row and candidate spread further than this (slowest to
+# fastest) make its median say little: the report names such rows.
+SPREAD_LIMIT = 1.5
+
+
+def wide_spreads(summary: list[dict[str, Any]], rows: list[tuple[str, Row]],
+                 candidates: list[str], limit: float = SPREAD_LIMIT) -> list[str]:
+    """One line per row whose repetitions spread by more than limit (max/min)
+    for some candidate, naming each such candidate and its spread."""
+    by = {(e["row"], e["candidate"]): e for e in summary}
+    out = []
+    for _w, r in rows:
+        wide = [f"{c} {e['max'] / e['min']:.1f}x" for c in candidates
+                if (e := by.get((r.name, c))) and e["reps"] > 1 and e["min"] > 0
+                and e["max"] / e["min"] > limit]
+        if wide:
+            out.append(f"{r.name}: {', '.join(wide)}")
+    return out
+
+
+def _spread_note(summary: list[dict[str, Any]], rows: list[tuple[str, Row]],
+                 candidates: list[str]) -> list[str]:
+    wide = wide_spreads(summary, rows, candidates)
+    if not wide:
+        return []
+    return ["", f"Repetitions more than {SPREAD_LIMIT}x apart (fastest to slowest), "
+            "where the median says little:", *(f"  {line}" for line in wide)]
+
+
 def _num(v: float) -> str:
     if v >= 100:
         return f"{v:,.0f}"
@@ -112,6 +141,7 @@ def tables(summary: list[dict[str, Any]], rows: list[tuple[str, Row]],
     for _w, r in rows:
         lines.append(f"{r.name} ({r.unit})".ljust(label_w)
                      + "".join(cells[(r.name, c)].rjust(widths[c]) for c in candidates))
+    lines += _spread_note(summary, rows, candidates)
     daemons = [c for c in candidates if c != "native"]
     if daemons:
         lines += ["", "Daemon CPU time (user + system), microseconds per operation", ""]
@@ -160,6 +190,10 @@ def markdown(summary: list[dict[str, Any]], rows: list[tuple[str, Row]],
             cells.append("-" if not e else f"{_num(e['median'])} ({e['ratio_to_native']:.2f})"
                          if e["ratio_to_native"] is not None else _num(e["median"]))
         out.append(f"| {r.name} ({r.unit}) | " + " | ".join(cells) + " |")
+    wide = wide_spreads(summary, rows, candidates)
+    if wide:
+        out += ["", f"Repetitions more than {SPREAD_LIMIT}x apart (fastest to slowest), "
+                "where the median says little: " + "; ".join(wide) + "."]
     if daemons:
         out += ["", "Daemon CPU time per operation (µs):", "",
                 "| workload | " + " | ".join(daemons) + " |", "|---|" + "---|" * len(daemons)]
