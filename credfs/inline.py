@@ -5,9 +5,10 @@ it makes. An operation that cannot wait on another process - a lookup, a
 mkdir, an unlink, a chmod on a local filesystem - runs instead on the trio
 thread, switched to exactly the credentials a worker would have taken (a
 close, which checks nothing of the closer, as whoever the thread is: see
-InlineRunner.close). What may wait stays in the workers: opening an existing file and truncating (a
-lease holder can hold those up to lease-break-time), reads, writes, fsync,
-and everything on a filesystem that is not local.
+InlineRunner.close). What may wait stays in the workers: opening an
+existing file and truncating (a lease holder can hold those up to
+lease-break-time), reads, writes, fsync, and everything on a filesystem that
+is not local.
 
 The loop thread keeps the last caller's identity after an operation (it is
 "lent"), so that a burst of requests by one caller costs no switch at all;

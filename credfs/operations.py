@@ -272,7 +272,8 @@ class Operations(pyfuse3.Operations):
         local filesystem (InlineRunner.close); elsewhere in a worker as the
         opener (a close may flush to a server)."""
         node = self.table.known(h.node)
-        if node is not None and self.inline is not None and self.inline.covers(node.key[0]):
+        if node is not None and self._covers(node):
+            assert self.inline is not None
             try:
                 self.inline.close(h.fd)
             except OSError as exc:
